@@ -67,3 +67,23 @@ def test_scrub_does_not_mutate_input():
     report = _enriched()
     scrub(report, allow_public_endpoint=False)
     assert report["endpoint_addr"] == "proxy.example.org"
+
+
+@pytest.mark.parametrize("text", [
+    ":" * 100_000 + "x",
+    "a:" * 50_000 + "g",
+    "1" * 1000 + ":" + "1:" * 25_000 + "z",
+    "1.1.1." * 20_000,
+])
+def test_scrub_text_is_linear_on_hostile_text(text):
+    """A report's failure msg and every logged URL go through scrub_text: no backtracking blow-up.
+
+    The old pattern took ~45 s for 2,048 colons and a URL of 4,000 stalled a worker for
+    hours; run in a subprocess so a regression fails (timeout) instead of hanging the suite.
+    """
+    import subprocess
+    import sys
+
+    code = ("import sys; from tunnel_telemetry.scrub import scrub_text; "
+            "scrub_text(sys.stdin.read())")
+    subprocess.run([sys.executable, "-c", code], input=text, text=True, check=True, timeout=20)

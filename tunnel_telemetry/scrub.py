@@ -24,8 +24,10 @@ SECRET_FRAGMENTS = ("pass", "secret", "token", "uuid", "key", "cred", "auth", "c
 _WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 _IPV4 = re.compile(r"(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9])")
-_IPV6ISH = re.compile(r"(?<![0-9A-Za-z:.])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
-                      r"(?:%[0-9A-Za-z_.-]+)?(?![0-9A-Za-z:.])")
+# Maximal runs of address-like characters, judged whole by _is_ip: a single greedy run with
+# no lookaround cannot backtrack, so the scan is linear (the old three-star pattern was cubic
+# and let one long "::::" string in a report or a URL stall a worker for minutes).
+_TOKEN = re.compile(r"[0-9A-Za-z:.]+(?:%[0-9A-Za-z_.-]+)?")
 
 
 def _is_ip(token: str) -> bool:
@@ -36,12 +38,19 @@ def _is_ip(token: str) -> bool:
     return True
 
 
+def _replace_ipv6(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if token.count(":") >= 2 and _is_ip(token):
+        return PLACEHOLDER
+    return token
+
+
 def scrub_text(text: str, extra: tuple[str, ...] = ()) -> str:
     """Replace IP addresses (and the given literal strings) in free text."""
     for literal in extra:
         if literal:
             text = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
-    text = _IPV6ISH.sub(lambda m: PLACEHOLDER if _is_ip(m.group(0)) else m.group(0), text)
+    text = _TOKEN.sub(_replace_ipv6, text)
     return _IPV4.sub(PLACEHOLDER, text)
 
 
