@@ -82,12 +82,36 @@ def test_parse_time_rejects(text):
     (b'{"a": "\xff"}', "bad_encoding"),
     (b"[" * 10000 + b"]" * 10000, "too_deep"),
     (b'{"a": ' + b"9" * 5000 + b"}", "bad_json"),
+    (b'{"a": 1e400}', "bad_json"),
+    (b'{"a": -1e400}', "bad_json"),
+    (b'{"a": "\\ud800"}', "bad_encoding"),
+    (b'{"\\udfff": "x"}', "bad_encoding"),
+    (b'{"a": [["x\\udc00y"]]}', "bad_encoding"),
 ])
 def test_parse_json_rejects(body, code):
     with pytest.raises(ReportError) as info:
         parse_json(body)
     assert info.value.code == code
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"a": ' + b"9" * 5000 + b"}", "too many digits"),
+    (b'{"a": 1e400}', "out of range"),
+])
+def test_parse_json_number_messages_are_short(body, message):
+    with pytest.raises(ReportError) as info:
+        parse_json(body)
+    assert message in info.value.msg and "sys." not in info.value.msg
+
+
+def test_parse_json_keeps_surrogate_pairs_and_nul():
+    assert parse_json(b'{"a": "\\ud83d\\ude00 \\u0000"}') == {"a": "\U0001F600 \x00"}
+
+
+def test_duration_ms_float_integer_is_stored_as_int():
+    report, _ = _check(make_report(time="2026-11-25T11:00:00Z", duration_ms=3000.0))
+    assert report["duration_ms"] == 3000 and isinstance(report["duration_ms"], int)
 
 
 def test_parse_json_accepts_nesting_in_strings():
@@ -132,7 +156,7 @@ def test_validate_generates_uuid():
     ({"endpoint": "ss://1.1.1.1:99999"}, "bad_endpoint", "$.endpoint"),
     ({"duration_ms": -1}, "schema", "$.duration_ms"),
     ({"duration_ms": 1.5}, "schema", "$.duration_ms"),
-    ({"failure": {"msg": "no op"}}, "schema", "$.failure"),
+    ({"failure": {"msg": "no op"}}, "schema", "$.failure.op"),
     ({"config": {"a": 1}}, "schema", "$.config.a"),
     ({"sampling_rate": 0}, "schema", "$.sampling_rate"),
     ({"sampling_rate": 1.5}, "schema", "$.sampling_rate"),

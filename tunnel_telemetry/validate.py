@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .errors import ReportError
 from .schema import schema_errors
 
 MAX_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _ENDPOINT = re.compile(
     r"(?P<proto>[a-z][a-z0-9+.-]{0,31})://"
@@ -47,6 +49,28 @@ class Endpoint:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf: no more valid than Infinity
+        raise ValueError("a number is out of range")
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    """Reject lone surrogates (\\ud800 escapes): valid JSON text but not storable as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise ReportError("bad_encoding", "a string holds an unpaired UTF-16 surrogate")
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -93,13 +117,20 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise ReportError("bad_encoding", "the body is not valid UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates,
-                          parse_constant=_reject_constant)
+        value = json.loads(text, object_pairs_hook=_no_duplicates,
+                           parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise ReportError("bad_json", f"not valid JSON: {exc.msg} at line {exc.lineno} "
                           f"column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise ReportError("bad_json", f"not valid JSON: {str(exc)[:100]}") from None
+    except RecursionError:
+        raise ReportError("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        # Python refuses integers of more than 4300 digits; say so without its advice text.
+        reason = "a number has too many digits" if "digits" in str(exc) else str(exc)[:100]
+        raise ReportError("bad_json", f"not valid JSON: {reason}") from None
+    if "\\u" in text:
+        _check_strings(value)
+    return value
 
 
 def parse_time(text: str) -> datetime:
@@ -216,7 +247,8 @@ def validate(
         "uuid": str(uuidlib.UUID(payload["uuid"])) if "uuid" in payload else str(uuidlib.uuid4()),
         "time": format_time(started),
         "config": dict(payload.get("config") or {}),
-        "duration_ms": payload.get("duration_ms"),
+        # JSON Schema counts 3000.0 as an integer; store and relay it as one.
+        "duration_ms": None if payload.get("duration_ms") is None else int(payload["duration_ms"]),
         "failure": _failure(payload.get("failure")),
         "sampling_rate": payload.get("sampling_rate", 1),
     }
