@@ -78,7 +78,8 @@ def create_app(config: Any = None) -> Any:
     relay = build_relay(config, store)
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = config.max_report_size
+    # One byte of slack: the view reads limit + 1 bytes to tell "exactly the limit" from "over".
+    app.config["MAX_CONTENT_LENGTH"] = config.max_report_size + 1
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit())

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from .enrich import enrich
@@ -41,10 +42,27 @@ def read_json_body(limit: int) -> Any:
     length = request.content_length
     if length is not None and length > limit:
         raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
+    # One read() may return less than asked (chunked bodies arrive in pieces): loop, and stop
+    # at limit + 1 bytes so an oversized or endless body is never read to its end.
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        try:
+            chunk = request.stream.read(limit + 1 - size)
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the server's body reader: bad chunking etc.
+            log.info("unreadable body: %s", type(exc).__name__)
+            raise ReportError("bad_body", "the request body could not be read") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
         raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
-    return parse_json(body)
+    if length is not None and size != length:
+        raise ReportError("bad_body", "the body is shorter than its Content-Length")
+    return parse_json(b"".join(chunks))
 
 
 @bp.post("/report")
