@@ -56,7 +56,8 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": [config.listen],
         "workers": config.workers or os.cpu_count() or 1,
-        "worker_class": "gthread",
+        # gthread with JSON error pages (see worker.py).
+        "worker_class": "tunnel_telemetry.worker.CollectorWorker",
         "threads": config.threads,
         "preload_app": True,
         "accesslog": "-",
