@@ -1,1 +1,1 @@
-"""Importable helpers for tests and benchmarks (need the `test` extra)."""
+"""Importable helpers for tests and benchmarks."""

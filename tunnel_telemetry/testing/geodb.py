@@ -17,17 +17,26 @@ COUNTRY_TYPE = "GeoLite2-Country"
 ASN_TYPE = "GeoLite2-ASN"
 IPINFO_TYPE = "ipinfo lite"
 
+# Known networks of the `geo_dbs` test fixture: network -> (ASN, AS name, country).
+# 2001:db8:1::/48 is a documentation prefix, which geo looks up like a global one.
+GEO_NETWORKS = {
+    "1.1.1.0/24": (13335, "CLOUDFLARENET", "AU"),
+    "2.3.4.0/24": (50304, "BLIX", "NO"),
+    "6.6.6.0/24": (666, "EXAMPLE-666", "US"),
+    "2001:db8:1::/48": (64500, "EXAMPLE-64500", "DE"),
+}
 
-def _write(
+
+def write_db(
     path: str | os.PathLike,
     database_type: str,
-    records: Iterable[tuple[Any, dict[str, Any]]],
+    records: Iterable[tuple[Any, Any]],
     build_epoch: int | None = None,
 ) -> str:
     """Write (network or list of networks, record) pairs to an IPv6 DB also answering IPv4.
 
     Networks may nest (supernets are inserted first); a list is inserted as one set, so it
-    must not overlap other entries.
+    must not overlap other entries. `build_epoch` defaults to now.
     """
     from mmdb_writer import MMDBWriter
     from netaddr import IPNetwork, IPSet
@@ -89,7 +98,7 @@ def write_country_db(
     `registered_only` stores only `registered_country`, as GeoLite2 does for some networks.
     """
     records = [(net, _country_record(cc, registered_only)) for net, cc in networks.items()]
-    return _write(path, database_type, records, build_epoch)
+    return write_db(path, database_type, records, build_epoch)
 
 
 def write_asn_db(
@@ -101,7 +110,7 @@ def write_asn_db(
 ) -> str:
     """ASN DB, GeoLite2 / DB-IP layout: {"1.1.1.0/24": (13335, "CLOUDFLARENET"), ...}."""
     records = [(net, _asn_record(asn, org)) for net, (asn, org) in networks.items()]
-    return _write(path, database_type, records, build_epoch)
+    return write_db(path, database_type, records, build_epoch)
 
 
 def write_ipinfo_db(
@@ -127,7 +136,7 @@ def write_ipinfo_db(
         )
         for net, (asn, name, cc) in networks.items()
     ]
-    return _write(path, database_type, records, build_epoch)
+    return write_db(path, database_type, records, build_epoch)
 
 
 # Synthetic networks come in runs of adjacent allocations inside random blocks (a /16 of
@@ -204,12 +213,12 @@ def write_synthetic_dbs(
         cidr = IPNetwork(net)  # parsed once for both files
         by_cc.setdefault(cc, []).append(cidr)
         by_asn.setdefault(asn, []).append(cidr)
-    country = _write(
+    country = write_db(
         os.path.join(directory, "synthetic-country.mmdb"),
         COUNTRY_TYPE,
         [(group, _country_record(cc)) for cc, group in by_cc.items()],
     )
-    asn = _write(
+    asn = write_db(
         os.path.join(directory, "synthetic-asn.mmdb"),
         ASN_TYPE,
         [(group, _asn_record(asn, f"SYNTHETIC-AS{asn}")) for asn, group in by_asn.items()],
