@@ -207,7 +207,8 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
 
 
 def test_bad_option_exits_2_before_serving(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "--geoip-asn-db",
+    out = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli",
+                          "--listen", f"127.0.0.1:{TTServer(tmp_path).port}", "--geoip-asn-db",
                           str(tmp_path / "missing.mmdb"), "--database-url",
                           f"sqlite:///{tmp_path}/r.db"],
                          capture_output=True, text=True, timeout=30, env={**os.environ,
