@@ -21,9 +21,12 @@ UNKNOWN_ASN = "AS0"
 UNKNOWN_CC = "ZZ"
 UNKNOWN = (UNKNOWN_ASN, UNKNOWN_CC)
 
-# The C extension also memory-maps the file and is several times faster than pure Python.
-_EXT = maxminddb.extension is not None and hasattr(maxminddb.extension, "Reader")
-_MODE = maxminddb.MODE_MMAP_EXT if _EXT else maxminddb.MODE_MMAP
+try:  # the C extension also memory-maps the file and is several times faster
+    from maxminddb.extension import Reader as _ExtensionReader  # noqa: F401
+except ImportError:
+    _MODE = maxminddb.MODE_MMAP
+else:
+    _MODE = maxminddb.MODE_MMAP_EXT
 _LOOKUP_ERRORS = (ValueError, maxminddb.InvalidDatabaseError)
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Documentation ranges (RFC 5737, RFC 3849) are looked up although not global: no real
@@ -178,12 +181,16 @@ class Geo:
         out = []
         for role, reader, path in readers:
             meta = reader.metadata()
-            built = datetime.datetime.fromtimestamp(meta.build_epoch, datetime.UTC)
+            try:
+                built = datetime.datetime.fromtimestamp(meta.build_epoch, datetime.UTC)
+                build_date = built.date().isoformat()
+            except (OverflowError, OSError, ValueError, TypeError):
+                build_date = None
             out.append(
                 {
                     "role": role,
                     "database_type": meta.database_type,
-                    "build_date": built.date().isoformat(),
+                    "build_date": build_date,
                     "ip_version": meta.ip_version,
                     "file": os.path.basename(path),
                 }
@@ -199,11 +206,9 @@ class Geo:
         except GeoError as exc:
             log.error("geo_reload_failed %s %s: keeping the open databases", exc.reason, exc.option)
             return
-        old = (self._country, self._asn)
+        # The old readers are not closed here: a lookup in another thread may still use them.
+        # They close themselves when the last reference goes.
         self._country, self._asn = readers
-        # Not closed here: a lookup in another thread may still hold them; they are closed
-        # when the last reference goes.
-        del old
         log.info("geo_reloaded")
 
     def close(self) -> None:
