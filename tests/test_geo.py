@@ -26,7 +26,7 @@ NETWORKS = {
     "2.3.4.0/24": (50304, "BLIX", "NO"),
     "2a02:1234:5::/48": (64501, "EXAMPLE-64501", "NL"),
     "2a02:1234::/32": (3320, "DTAG", "DE"),
-    "2001:db8:1::/48": (64500, "EXAMPLE-64500", "DE"),
+    "2a01:4f8:1::/48": (64500, "EXAMPLE-64500", "DE"),
     # Non-global ranges with data: must never be answered from the database.
     "10.0.0.0/8": (1, "PRIVATE", "US"),
     "127.0.0.0/8": (2, "LOOPBACK", "US"),
@@ -62,7 +62,7 @@ LOOKUPS = [
     ("2a02:1234:5::1", ("AS64501", "NL")),
     ("2a02:1234:6::1", ("AS3320", "DE")),
     ("2A02:1234:0005:0000::9", ("AS64501", "NL")),
-    ("2001:db8:1::77", ("AS64500", "DE")),  # documentation prefix: looked up
+    ("2a01:4f8:1::77", ("AS64500", "DE")),
     # Not in the database.
     ("9.9.9.9", ("AS0", "ZZ")),
     ("2600::1", ("AS0", "ZZ")),
@@ -90,7 +90,7 @@ LOOKUPS = [
     ("not an ip", ("AS0", "ZZ")),
     ("1.1.1", ("AS0", "ZZ")),
     ("1.1.1.1:443", ("AS0", "ZZ")),
-    ("[2001:db8:1::77]", ("AS0", "ZZ")),
+    ("[2a01:4f8:1::77]", ("AS0", "ZZ")),
     (" 1.1.1.1", ("AS0", "ZZ")),
     (16843009, ("AS0", "ZZ")),  # 1.1.1.1 as an int: not an accepted type
     (b"\x01\x01\x01\x01", ("AS0", "ZZ")),
@@ -113,7 +113,7 @@ def test_geo_dbs_fixture(geo_dbs):
         assert geo.lookup("1.1.1.1") == ("AS13335", "AU")
         assert geo.lookup("2.3.4.5") == ("AS50304", "NO")
         assert geo.lookup("6.6.6.6") == ("AS666", "US")
-        assert geo.lookup("2001:db8:1::99") == ("AS64500", "DE")
+        assert geo.lookup("2a01:4f8:1::99") == ("AS64500", "DE")
     finally:
         geo.close()
 
@@ -167,7 +167,7 @@ def test_odd_records(tmp_path, record, expected):
 def test_null_geo_warns_once(caplog):
     caplog.set_level(logging.DEBUG, "tunnel_telemetry.geo")
     geo = open_geo(None, None)
-    assert [geo.lookup(ip) for ip in ("1.1.1.1", "2001:db8:1::1", None)] == [("AS0", "ZZ")] * 3
+    assert [geo.lookup(ip) for ip in ("1.1.1.1", "2a01:4f8:1::1", None)] == [("AS0", "ZZ")] * 3
     assert geo.info() == []
     geo.reload()
     geo.close()

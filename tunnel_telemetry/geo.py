@@ -29,12 +29,6 @@ else:
     _MODE = maxminddb.MODE_MMAP_EXT
 _LOOKUP_ERRORS = (ValueError, maxminddb.InvalidDatabaseError)
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-# Documentation ranges (RFC 5737, RFC 3849) are looked up although not global: no real
-# database has data there, and tests use them as stand-ins for public addresses.
-_DOCUMENTATION = tuple(
-    ipaddress.ip_network(net)
-    for net in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
-)
 
 
 class GeoError(Exception):
@@ -117,7 +111,7 @@ def _address(ip: object) -> _Address | None:
         return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_global or any(ip in net for net in _DOCUMENTATION):
+    if ip.is_global:
         return ip
     return None
 

@@ -18,12 +18,11 @@ ASN_TYPE = "GeoLite2-ASN"
 IPINFO_TYPE = "ipinfo lite"
 
 # Known networks of the `geo_dbs` test fixture: network -> (ASN, AS name, country).
-# 2001:db8:1::/48 is a documentation prefix, which geo looks up like a global one.
 GEO_NETWORKS = {
     "1.1.1.0/24": (13335, "CLOUDFLARENET", "AU"),
     "2.3.4.0/24": (50304, "BLIX", "NO"),
     "6.6.6.0/24": (666, "EXAMPLE-666", "US"),
-    "2001:db8:1::/48": (64500, "EXAMPLE-64500", "DE"),
+    "2a01:4f8:1::/48": (64500, "EXAMPLE-64500", "DE"),
 }
 
 
