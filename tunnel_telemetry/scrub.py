@@ -40,8 +40,13 @@ def _is_ip(token: str) -> bool:
 
 def _replace_ipv6(match: re.Match[str]) -> str:
     token = match.group(0)
-    if token.count(":") >= 2 and _is_ip(token):
+    if token.count(":") < 2:
+        return token
+    if _is_ip(token):
         return PLACEHOLDER
+    bare = token.rstrip(":")  # "from 2001:db8::7: refused": the colon is the message's
+    if bare != token and _is_ip(bare):
+        return PLACEHOLDER + token[len(bare):]
     return token
 
 
