@@ -42,6 +42,7 @@ class Answer:
 
 def start_server(path, *args):
     server = TTServer(path, ["--workers", "1", "--threads", "4", "--collector-id", "hostile",
+                             "--rate-limit", "0",
                              "--database-url", f"sqlite:///{path}/reports.db", *args])
     return server.start()
 
@@ -69,9 +70,9 @@ def apps(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile-flask")
     made = {
         "default": create_app({"database-url": f"sqlite:///{base}/d.db",
-                               "collector-id": "hostile"}),
+                               "collector-id": "hostile", "rate-limit": 0}),
         "big": create_app({"database-url": f"sqlite:///{base}/b.db", "collector-id": "hostile",
-                           "max-report-size": BIG_LIMIT}),
+                           "max-report-size": BIG_LIMIT, "rate-limit": 0}),
     }
     yield made
     for app in made.values():

@@ -24,6 +24,7 @@ class Services:
     relay: Any
     commit: str | None = None
     started_pid: int | None = None
+    limits: Any = None
 
     def start(self) -> None:
         """Start background work in this process (after gunicorn's fork); idempotent."""
@@ -35,6 +36,8 @@ class Services:
         self.relay.close()
         self.store.close()
         self.geo.close()
+        if self.limits is not None:
+            self.limits.close()
 
 
 def git_commit() -> str | None:
@@ -61,6 +64,8 @@ def create_app(config: Any = None) -> Any:
     from .config import Config, load_config
     from .errors import ReportError
     from .geo import open_geo
+    from .limits import build_limits
+    from .limits import init_app as init_limits
     from .logs import setup_logging
     from .proxy import ProxyHeaders
     from .relay import build_relay
@@ -76,14 +81,17 @@ def create_app(config: Any = None) -> Any:
     store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
     relay = build_relay(config, store)
+    limits = build_limits(config)  # shared memory: made here, before gunicorn forks
 
     app = Flask(__name__)
     # One byte of slack: the view reads limit + 1 bytes to tell "exactly the limit" from "over".
     app.config["MAX_CONTENT_LENGTH"] = config.max_report_size + 1
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit())
+    app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit(),
+                                                  limits=limits)
     app.register_blueprint(bp)
+    init_limits(app, limits)
 
     @app.before_request
     def _start_background() -> None:

@@ -159,6 +159,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-clock-skew", "duration", 300.0,
            "Reject reports whose time is further than this in the future (e.g. 5m)."),
     Option("max-report-size", "int", 64 * 1024, "Largest accepted report body, in bytes."),
+    Option("rate-limit", "int", 120,
+           "POST requests a minute per client address (IPv6: per /64); more get 429 with "
+           "Retry-After (0: off)."),
+    Option("rate-limit-burst", "int", 60,
+           "POST requests a client may send at once before rate-limit applies."),
+    Option("max-in-flight", "int", 64,
+           "POST requests in progress at once across all workers; more get 503 with "
+           "Retry-After (0: off)."),
+    Option("max-in-flight-per-client", "int", 2,
+           "POST requests one client address may have in progress in one worker process "
+           "(a slow upload holds a thread); more get 429 (0: off)."),
+    Option("header-timeout", "duration", 10.0,
+           "Time a client has, from its first byte, to send the request line and headers."),
+    Option("request-timeout", "duration", 30.0,
+           "Time a client has to send a whole request, body included (slow clients are cut "
+           "off with 408)."),
     Option("workers", "int", None, "Gunicorn worker processes (default: CPU count)."),
     Option("threads", "int", 4, "Threads per gunicorn worker (gthread worker class)."),
     Option("debug", "bool", False, "Debug logging."),
@@ -264,6 +280,15 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("threads: must be between 1 and 256")
     if not 1024 <= config.max_report_size <= 16 * 1024 * 1024:
         raise ConfigError("max-report-size: must be between 1024 and 16777216 bytes")
+    for name in ("rate-limit", "max-in-flight", "max-in-flight-per-client"):
+        if not 0 <= getattr(config, name.replace("-", "_")) <= 1_000_000:
+            raise ConfigError(f"{name}: must be between 0 (off) and 1000000")
+    if not 1 <= config.rate_limit_burst <= 1_000_000:
+        raise ConfigError("rate-limit-burst: must be between 1 and 1000000")
+    if not 0.1 <= config.header_timeout <= 3600:
+        raise ConfigError("header-timeout: must be between 100ms and 1h")
+    if not config.header_timeout <= config.request_timeout <= 3600:
+        raise ConfigError("request-timeout: must be at least header-timeout and at most 1h")
     if config.collector_id is not None and not re.fullmatch(r"[\w.:-]{1,128}", config.collector_id):
         raise ConfigError("collector-id: use 1-128 letters, digits, '.', ':', '_' or '-'")
     if config.autotls and not config.hostname:

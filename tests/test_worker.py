@@ -1,0 +1,189 @@
+"""The gunicorn worker: slow clients cannot pin it, its own errors are JSON."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.worker import error_response, http_error
+
+pytestmark = pytest.mark.e2e
+
+HEADER_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 3.0
+
+
+def connect(server):
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def read_all(sock, timeout=10.0):
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class Trickler(threading.Thread):
+    """Sends ``data`` one byte every ``interval`` until the server stops listening."""
+
+    def __init__(self, sock, data, interval=0.1):
+        super().__init__(daemon=True)
+        self.sock, self.data, self.interval = sock, data, interval
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self):
+        for byte in self.data:
+            if self.stop.wait(self.interval):
+                return
+            try:
+                self.sock.send(bytes([byte]))
+            except OSError:
+                return
+            self.sent += 1
+
+
+def slow_report(address):
+    body = json.dumps(make_report()).encode()
+    head = (b"POST /report HTTP/1.1\r\nHost: collector\r\nContent-Type: application/json\r\n"
+            b"X-Forwarded-For: " + address.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    return head, body
+
+
+def test_slow_clients_do_not_stop_others(tt_server):
+    """Idle sockets, trickled heads (new and kept-alive) and stalled bodies at once, on a
+    worker with two threads: other clients are still served, and the slow ones are cut off
+    with a 408 at their deadline."""
+    server = tt_server("--workers", "1", "--threads", "2", "--proxy-hops", "1",
+                       "--rate-limit", "0", "--header-timeout", f"{HEADER_TIMEOUT}s",
+                       "--request-timeout", f"{REQUEST_TIMEOUT}s")
+    sockets, tricklers = [], []
+    try:
+        idle = [connect(server) for _ in range(4)]
+        heads = [connect(server) for _ in range(4)]
+        kept_alive = connect(server)
+        stalled = connect(server)
+        sockets += [*idle, *heads, kept_alive, stalled]
+
+        for index, sock in enumerate(heads):
+            head, _ = slow_report(f"192.0.2.{10 + index}")
+            tricklers.append(Trickler(sock, head * 10))
+        # One full request, then the next head trickled on the same connection.
+        head, body = slow_report("192.0.2.20")
+        kept_alive.sendall(head + body)
+        first = kept_alive.recv(65536)
+        assert first.startswith(b"HTTP/1.1 201"), first[:200]
+        tricklers.append(Trickler(kept_alive, head * 10))
+        # Headers complete, body stalled after 10 bytes: the app is reading it.
+        head, body = slow_report("192.0.2.30")
+        stalled.sendall(head + body[:10])
+        for trickler in tricklers:
+            trickler.start()
+
+        # Meanwhile another client is served at once, again and again.
+        started = time.monotonic()
+        served = 0
+        with requests.Session() as session:
+            while time.monotonic() - started < REQUEST_TIMEOUT + 1:
+                with session.post(server.url + "/report", json=make_report(), timeout=5,
+                                  headers={"X-Forwarded-For": "198.51.100.1"}) as resp:
+                    assert resp.status_code == 201
+                served += 1
+                time.sleep(0.05)
+        assert served > 10
+
+        # The slow ones were cut off at their deadlines; whoever sent a head gets a 408.
+        for sock in [*heads, kept_alive, stalled]:
+            answer = read_all(sock)
+            assert b"HTTP/1.1 408" in answer, answer[:300]
+            assert answer.rstrip().endswith(b'"errors": []}')
+        for sock in idle:
+            assert read_all(sock) == b"", "nothing sent, nothing answered: just closed"
+        assert all(not t.is_alive() or t.sent < len(t.data) for t in tricklers)
+    finally:
+        for trickler in tricklers:
+            trickler.stop.set()
+        for sock in sockets:
+            sock.close()
+    logs = server.logs()
+    assert logs.count("slow_client_cut head") >= 5
+    assert logs.count("slow_client_cut body") >= 1
+    assert "Traceback" not in logs
+
+
+def test_a_slow_body_cannot_take_more_than_its_share(tt_server):
+    """One client address holds at most max-in-flight-per-client threads of a worker."""
+    server = tt_server("--workers", "1", "--threads", "4", "--proxy-hops", "1",
+                       "--rate-limit", "0", "--max-in-flight-per-client", "1")
+    held = []
+    try:
+        for _ in range(4):
+            sock = connect(server)
+            head, body = slow_report("192.0.2.50")
+            sock.sendall(head + body[:10])
+            held.append(sock)
+        time.sleep(0.5)
+        answers = []
+        for sock in held[1:]:
+            sock.settimeout(5)
+            answers.append(sock.recv(65536))
+        assert all(a.startswith(b"HTTP/1.1 429") for a in answers), answers
+        with requests.post(server.url + "/report", json=make_report(), timeout=5,
+                           headers={"X-Forwarded-For": "198.51.100.2"}) as resp:
+            assert resp.status_code == 201
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_header_pieces_and_pipelining_still_work(tt_server):
+    """Reading heads in the event loop must not change what a normal client sees."""
+    server = tt_server("--workers", "1", "--rate-limit", "0")
+    head, body = slow_report("192.0.2.60")
+    with connect(server) as sock:
+        for piece in (head[:5], head[5:40], head[40:], body):
+            sock.sendall(piece)
+            time.sleep(0.05)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+        # Two requests in one write (pipelined) on the kept-alive connection.
+        sock.sendall(head + body + head + body)
+        data = b""
+        deadline = time.monotonic() + 5
+        while data.count(b"HTTP/1.1 201") < 2 and time.monotonic() < deadline:
+            data += sock.recv(65536)
+        assert data.count(b"HTTP/1.1 201") == 2
+    # A bare-LF head is still answered (gunicorn rejects it), not left waiting.
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\nHost: x\n\n")
+        answer = read_all(sock, timeout=5)
+        assert answer.startswith(b"HTTP/1.1 "), answer
+
+
+@pytest.mark.parametrize("exc, status", [
+    (__import__("gunicorn.http.errors").http.errors.LimitRequestLine("x" * 9000, 4094), 414),
+    (__import__("gunicorn.http.errors").http.errors.InvalidHeader("X-Secret-10.0.0.1"), 400),
+    (RuntimeError("boom"), 500),
+])
+def test_error_answers_are_fixed_json(exc, status):
+    code, message = http_error(exc)
+    assert code == status
+    raw = error_response(code, message)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body) == {"ok": False, "msg": message, "errors": []}
+    assert b"10.0.0.1" not in raw and b"xxx" not in raw

@@ -1,0 +1,322 @@
+"""Abuse controls: a per-client rate limit and in-flight caps, shared by all gunicorn workers.
+
+create_app runs in the gunicorn master (preload_app), so the shared memory made here before
+the fork is the same in every worker. A client is known only by a keyed hash: HMAC-SHA256 of
+its address (IPv6: its /64) under a random key made at start-up and held only in memory. The
+table keeps 8 bytes of that hash, never an address, in anonymous memory (memfd), not on disk.
+
+Cross-process locking is an fcntl record lock on the shared file: the kernel drops it when a
+process dies, so a SIGKILLed worker cannot wedge the others. POSIX record locks belong to a
+process, so a thread lock serialises the threads of one worker first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hmac
+import ipaddress
+import logging
+import math
+import mmap
+import os
+import secrets
+import struct
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ReportError
+
+log = logging.getLogger(__name__)
+
+BUCKETS = 65536  # client buckets in the shared table (24 bytes each: 1.5 MiB)
+PROBES = 8  # buckets looked at per client; the most idle one is reused when all are taken
+MAX_PROCESSES = 256  # in-flight counters, one per worker process (workers <= 256)
+_BUCKET = struct.Struct("<Qdd")  # hashed client, tokens, monotonic time of the last update
+_SLOT = struct.Struct("<ii")  # pid, requests in flight
+_SLOTS = struct.Struct(f"<{2 * MAX_PROCESSES}i")
+_BUCKETS_AT = _SLOTS.size
+
+
+class Busy(ReportError):
+    """Too many requests: 429 for one client, 503 for the whole collector; retry later."""
+
+    def __init__(self, code: str, msg: str, status: int, retry_after: float) -> None:
+        super().__init__(code, msg, status=status,
+                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class SharedMemory:
+    """A zeroed, fixed-size shared mapping with a lock that works across processes."""
+
+    def __init__(self, size: int) -> None:
+        try:
+            self.fd = os.memfd_create("tunnel-telemetry-limits", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # not Linux: an unlinked temporary file
+            self.fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115
+        os.ftruncate(self.fd, size)
+        self.buf = mmap.mmap(self.fd, size)
+        self._thread_lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._thread_lock = threading.Lock()  # a lock held by another thread at fork stays held
+
+    @contextmanager
+    def lock(self) -> Iterator[memoryview | mmap.mmap]:
+        with self._thread_lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield self.buf
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.buf.close()
+        os.close(self.fd)
+
+
+class RateLimiter:
+    """Token buckets: ``per_minute`` requests a minute per client, ``burst`` at once."""
+
+    def __init__(self, shm: SharedMemory, per_minute: int, burst: int) -> None:
+        self.shm = shm
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+
+    def _refilled(self, tokens: float, stamp: float, now: float) -> float:
+        return min(self.burst, tokens + max(0.0, now - stamp) * self.rate)
+
+    def take(self, client: int, now: float | None = None) -> float:
+        """Take a token for ``client``: 0 when allowed, else the seconds until one is due."""
+        now = time.monotonic() if now is None else now
+        first = client % BUCKETS
+        with self.shm.lock() as buf:
+            victim, victim_tokens = -1, -1.0
+            for i in range(PROBES):
+                index = (first + i) % BUCKETS
+                key, tokens, stamp = _BUCKET.unpack_from(buf, _BUCKETS_AT + index * _BUCKET.size)
+                if key == client:
+                    victim, tokens = index, self._refilled(tokens, stamp, now)
+                    break
+                # Reuse an empty bucket, else the fullest: it is the one that lost least.
+                idle = self.burst + 1 if key == 0 else self._refilled(tokens, stamp, now)
+                if idle > victim_tokens:
+                    victim, victim_tokens = index, idle
+            else:
+                tokens = self.burst
+            if tokens >= 1.0:
+                tokens -= 1.0
+                wait = 0.0
+            else:
+                wait = (1.0 - tokens) / self.rate
+            _BUCKET.pack_into(buf, _BUCKETS_AT + victim * _BUCKET.size, client, tokens, now)
+        return wait
+
+
+class InFlight:
+    """Requests in progress across all workers: one counter per process, summed on entry.
+
+    A worker killed mid-request leaves its counter behind; counters of dead processes are
+    cleared whenever a process claims its slot and before a request is refused.
+    """
+
+    def __init__(self, shm: SharedMemory, cap: int) -> None:
+        self.shm = shm
+        self.cap = cap
+        self._slot: tuple[int, int] | None = None  # (pid, index) of this process
+
+    def _index(self, buf: Any) -> int:
+        """This process's counter (claimed on first use after a fork); -1 if none is free."""
+        pid = os.getpid()
+        if self._slot is not None and self._slot[0] == pid:
+            return self._slot[1]
+        self._reap(buf)
+        pids = _SLOTS.unpack_from(buf, 0)[0::2]
+        if pid in pids:
+            index = pids.index(pid)
+        elif 0 in pids:
+            index = pids.index(0)
+            _SLOT.pack_into(buf, index * _SLOT.size, pid, 0)
+        else:
+            return -1
+        self._slot = (pid, index)
+        return index
+
+    @staticmethod
+    def _reap(buf: Any) -> bool:
+        """Free the slots of processes that are gone; True if any was."""
+        values = _SLOTS.unpack_from(buf, 0)
+        freed = False
+        for index, pid in enumerate(values[0::2]):
+            if pid and pid != os.getpid() and not _alive(pid):
+                _SLOT.pack_into(buf, index * _SLOT.size, 0, 0)
+                freed = True
+        return freed
+
+    def enter(self) -> bool:
+        with self.shm.lock() as buf:
+            index = self._index(buf)
+            if index < 0:  # more processes than slots: do not refuse for our own bookkeeping
+                return True
+            total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
+            if total >= self.cap and self._reap(buf):
+                total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
+            if total >= self.cap:
+                return False
+            pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
+            _SLOT.pack_into(buf, index * _SLOT.size, pid, count + 1)
+            return True
+
+    def leave(self) -> None:
+        with self.shm.lock() as buf:
+            index = self._index(buf)
+            if index < 0:
+                return
+            pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
+            _SLOT.pack_into(buf, index * _SLOT.size, pid, max(0, count - 1))
+
+    def total(self) -> int:
+        with self.shm.lock() as buf:
+            return sum(_SLOTS.unpack_from(buf, 0)[1::2])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ClientInFlight:
+    """Requests one client has in progress in this process (a slow upload holds a thread)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._counts: Counter[int] = Counter()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = Counter()
+
+    def enter(self, client: int) -> bool:
+        with self._lock:
+            if self._counts[client] >= self.cap:
+                return False
+            self._counts[client] += 1
+            return True
+
+    def leave(self, client: int) -> None:
+        with self._lock:
+            self._counts[client] -= 1
+            if self._counts[client] <= 0:
+                del self._counts[client]
+
+
+@dataclass
+class Ticket:
+    """What admit() took for one request, given back by release()."""
+
+    client: int
+    global_slot: bool = False
+    client_slot: bool = False
+
+
+class Limits:
+    """The abuse controls of one collector; each part is None when its option is 0."""
+
+    def __init__(self, rate: RateLimiter | None, inflight: InFlight | None,
+                 client_inflight: ClientInFlight | None, shm: SharedMemory | None) -> None:
+        self.rate = rate
+        self.inflight = inflight
+        self.client_inflight = client_inflight
+        self.shm = shm
+        self._key = secrets.token_bytes(32)  # in memory only; a restart makes a new one
+
+    def client_key(self, ip: str | None) -> int:
+        """A 64-bit keyed hash of the client address (IPv6: its /64); never 0."""
+        try:
+            address = ipaddress.ip_address(ip or "")
+        except ValueError:
+            raw = b"?"
+        else:
+            if address.version == 6 and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            raw = b"4" + address.packed if address.version == 4 else b"6" + address.packed[:8]
+        digest = hmac.new(self._key, raw, "sha256").digest()
+        return int.from_bytes(digest[:8], "little") or 1
+
+    def admit(self, ip: str | None) -> Ticket:
+        """Let a request in, or raise Busy (429 for this client, 503 for everyone)."""
+        ticket = Ticket(self.client_key(ip))
+        if self.rate is not None:
+            wait = self.rate.take(ticket.client)
+            if wait > 0:
+                raise Busy("rate_limited", "too many reports from this address, retry later",
+                           429, wait)
+        if self.client_inflight is not None:
+            if not self.client_inflight.enter(ticket.client):
+                raise Busy("client_busy", "too many requests in progress from this address",
+                           429, 1)
+            ticket.client_slot = True
+        if self.inflight is not None:
+            if not self.inflight.enter():
+                self.release(ticket)
+                raise Busy("busy", "the collector is busy, retry later", 503, 2)
+            ticket.global_slot = True
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        if ticket.client_slot and self.client_inflight is not None:
+            self.client_inflight.leave(ticket.client)
+            ticket.client_slot = False
+        if ticket.global_slot and self.inflight is not None:
+            self.inflight.leave()
+            ticket.global_slot = False
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+
+
+def build_limits(config: Any) -> Limits:
+    """The abuse controls for this configuration (shared memory made now, before any fork)."""
+    shm = None
+    if config.rate_limit or config.max_in_flight:
+        shm = SharedMemory(_BUCKETS_AT + BUCKETS * _BUCKET.size)
+    rate = RateLimiter(shm, config.rate_limit, config.rate_limit_burst) \
+        if config.rate_limit and shm is not None else None
+    inflight = InFlight(shm, config.max_in_flight) \
+        if config.max_in_flight and shm is not None else None
+    client = ClientInFlight(config.max_in_flight_per_client) \
+        if config.max_in_flight_per_client else None
+    return Limits(rate, inflight, client, shm)
+
+
+def init_app(app: Any, limits: Limits) -> None:
+    """Admit every POST through ``limits`` before its body is read; release it afterwards."""
+    from flask import g, request
+
+    from .proxy import ENVIRON_KEY
+
+    @app.before_request
+    def _admit() -> None:
+        if request.method == "POST":
+            g.tt_ticket = limits.admit(request.environ.get(ENVIRON_KEY))
+
+    @app.teardown_request
+    def _release(exc: BaseException | None) -> None:
+        ticket = g.pop("tt_ticket", None)
+        if ticket is not None:
+            limits.release(ticket)
