@@ -418,7 +418,7 @@ class Sampler:
 
 
 def default_spool_dir(env: Mapping[str, str] | None = None) -> Path:
-    """``$TT_SPOOL_DIR``, else ``$XDG_STATE_HOME/tunnel-telemetry/spool`` (or ``~/.local/state``)."""
+    """``$TT_SPOOL_DIR``, else ``$XDG_STATE_HOME/tunnel-telemetry/spool`` (XDG: ~/.local/state)."""
     env = os.environ if env is None else env
     if env.get("TT_SPOOL_DIR"):
         return Path(env["TT_SPOOL_DIR"]).expanduser()
@@ -692,7 +692,8 @@ class Client:
         self.timeout = timeout
         self._own_session = session is None
         self.session = session or requests.Session()
-        self.session.headers.setdefault("User-Agent", USER_AGENT)
+        if self._own_session:
+            self.session.headers["User-Agent"] = USER_AGENT
         self._cancel = threading.Event()
         self._sleep = sleep or self._cancel.wait
         self._clock = clock
@@ -731,9 +732,11 @@ class Client:
                 return None
             report = sampled
         report = self.prepare(report)
+        if not self.collectors:
+            raise ClientError("no collector configured")
         path: Path | None = None
         spool_error: OSError | None = None
-        if self.spool:
+        if self.spool is not None:
             try:
                 path = self.spool.put(report)
             except OSError as exc:  # a full or read-only disk must not stop delivery
@@ -745,15 +748,15 @@ class Client:
             exc.uuid = report["uuid"]
             exc.spooled = path
             exc.spool_error = spool_error
-            if path:
+            if path is not None:
                 log.info("not delivered; spooled as %s", path)
             raise
         except ReportRejected:
-            if self.spool:
-                self.spool.remove(report["uuid"])
+            if path is not None:
+                path.unlink(missing_ok=True)  # resending cannot help
             raise
-        if self.spool:
-            self.spool.remove(report["uuid"])
+        if path is not None:
+            path.unlink(missing_ok=True)
         return receipt
 
     def prepare(self, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -785,8 +788,8 @@ class Client:
                 if self._sleep(delay) or self._cancel.is_set():
                     raise NotDelivered(attempts, cancelled=True)
             for collector in list(eligible):
-                if not_before.get(collector, 0.0) > self._clock():
-                    continue
+                if not_before.get(collector, 0.0) > self._clock() + 0.001:
+                    continue  # still inside its Retry-After
                 if rnd and self._clock() - start > self.policy.max_elapsed:
                     break
                 att, answer = self._post(collector, body)
@@ -815,7 +818,7 @@ class Client:
         too); those stay spooled for the next flush.
         """
         result = FlushResult()
-        if not self.spool:
+        if self.spool is None:
             return result
         self.spool.clean_temporary()
         paths = self.spool.paths()
