@@ -321,7 +321,9 @@ def test_second_collector_tried_before_sleeping(server, server2, make_client, sl
 
 
 def test_429_retry_after_is_honoured_and_capped(server, make_client, sleeps):
-    server.push(Reply(429, headers={"Retry-After": "7"}), Reply(429, headers={"Retry-After": "999"}))
+    server.push(
+        Reply(429, headers={"Retry-After": "7"}), Reply(429, headers={"Retry-After": "999"})
+    )
     policy = RetryPolicy(attempts=3, backoff=1.0, retry_after_cap=20.0, max_elapsed=1000)
     receipt = make_client([server.url], policy=policy).send(a_report())
     assert receipt.status == 201

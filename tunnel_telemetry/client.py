@@ -351,6 +351,23 @@ def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+_PATTERN_HINTS = {
+    "time": "an RFC 3339 time with a zone, e.g. 2024-04-12T00:00:00Z",
+    "endpoint": "protocol://address:port, e.g. ss://192.0.2.1:443",
+    "uuid": "a UUID, e.g. fbf902ee-5d78-43cd-af39-b9b297a0d2f7",
+    "client_asn": "AS and a number, e.g. AS64500",
+    "client_cc": "an ISO 3166-1 alpha-2 code in upper case, e.g. NO",
+}
+
+
+def _friendly(error: jsonschema.ValidationError) -> str:
+    """Plain words instead of a regular expression for a pattern mismatch."""
+    field_name = error.absolute_path[-1] if error.absolute_path else None
+    if error.validator == "pattern" and field_name in _PATTERN_HINTS:
+        return f"{error.instance!r} is not {_PATTERN_HINTS[field_name]}"
+    return error.message
+
+
 def validate_report(report: Any) -> None:
     """Check a report as the collector will (schema, endpoint, time); raise :class:`InvalidReport`.
 
@@ -362,7 +379,7 @@ def validate_report(report: Any) -> None:
             "invalid report", [{"path": "", "message": "a report is a JSON object"}]
         )
     errors = sorted(_validator().iter_errors(report), key=lambda e: list(e.absolute_path))
-    problems = [{"path": _json_path(e.absolute_path), "message": e.message} for e in errors]
+    problems = [{"path": _json_path(e.absolute_path), "message": _friendly(e)} for e in errors]
     if not problems:
         try:
             parse_endpoint(report["endpoint"])
@@ -749,7 +766,7 @@ class Client:
             exc.spooled = path
             exc.spool_error = spool_error
             if path is not None:
-                log.info("not delivered; spooled as %s", path)
+                log.debug("not delivered; spooled as %s", path)
             raise
         except ReportRejected:
             if path is not None:

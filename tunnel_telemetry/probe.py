@@ -143,14 +143,18 @@ def connect(addresses: list[tuple[int, tuple[Any, ...]]], timeout: float) -> soc
 
 
 def tls_handshake(
-    sock: socket.socket, server_name: str, timeout: float, verify: bool = True
+    sock: socket.socket,
+    server_name: str,
+    timeout: float,
+    verify: bool = True,
+    cafile: str | None = None,
 ) -> ssl.SSLSocket:
     """TLS handshake over ``sock`` with SNI ``server_name`` (none for an IP address).
 
-    With ``verify`` the certificate must be valid for ``server_name``; a failed check is a
-    ``tls.handshake`` failure too (it may be an interception).
+    With ``verify`` the certificate must be valid for ``server_name`` (system CAs, or
+    ``cafile``); a failed check is a ``tls.handshake`` failure too (it may be an interception).
     """
-    ctx = ssl.create_default_context()
+    ctx = ssl.create_default_context(cafile=cafile)
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -169,6 +173,7 @@ def probe(
     tls: bool | None = None,
     server_name: str | None = None,
     verify: bool = True,
+    cafile: str | None = None,
     config: Mapping[str, str] | None = None,
     client_asn: str | None = None,
     client_cc: str | None = None,
@@ -190,13 +195,13 @@ def probe(
         sock = connect(addresses, timeout)
         try:
             if do_tls:
-                sock = tls_handshake(sock, server_name or ep.host, timeout, verify)
+                sock = tls_handshake(sock, server_name or ep.host, timeout, verify, cafile)
         finally:
             sock.close()
     except ProbeFailure as exc:
         fail = exc
     duration_ms = int(round((time.monotonic() - t0) * 1000))
-    log.info(
+    log.debug(
         "probe %s: %s in %d ms",
         ep.proto,
         "ok" if fail is None else f"{fail.op} {fail.posix_error or ''} {fail.msg}",

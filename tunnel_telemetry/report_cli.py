@@ -8,13 +8,14 @@ progress and errors go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,21 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    for handler in list(log.handlers):
-        if isinstance(handler, _StderrHandler):
-            log.removeHandler(handler)
-    log.addHandler(_StderrHandler())
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int, quiet: bool) -> Iterator[None]:
+    """Progress lines on stderr for the command's duration; the logger is restored after."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = _StderrHandler()
+    saved = (log.level, log.propagate)
+    log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _parse_config(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -264,12 +272,12 @@ def _command(func: Callable[..., int]) -> Callable[..., None]:
 
     @functools.wraps(func)
     def wrapper(**opts: Any) -> None:
-        _setup_logging(opts.get("verbose", 0), opts.get("quiet", False))
-        try:
-            code = func(**opts)
-        except ClientError as exc:
-            _err(str(exc))
-            code = exc.exit_code
+        with _logging_to_stderr(opts.get("verbose", 0), opts.get("quiet", False)):
+            try:
+                code = func(**opts)
+            except ClientError as exc:
+                _err(str(exc))
+                code = exc.exit_code
         sys.exit(code)
 
     return wrapper
@@ -304,6 +312,12 @@ def main() -> None:
 @click.option(
     "--insecure", is_flag=True, help="Do not check the TLS certificate (only the handshake)."
 )
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CA certificates (PEM) to check the endpoint's certificate with.",
+)
 @report_options
 @sampling_options
 @click.option("--dry-run", is_flag=True, help="Print the report; do not send it.")
@@ -326,6 +340,7 @@ def probe(**opts: Any) -> int:
         tls=opts["tls"],
         server_name=opts["sni"],
         verify=not opts["insecure"],
+        cafile=opts["cafile"],
         config=config or None,
         client_asn=opts["client_asn"],
         client_cc=opts["client_cc"],
