@@ -136,32 +136,34 @@ def test_naive_datetime_is_utc():
 # ----------------------------------------------------------------------------- checking
 
 
-def test_schema_is_the_packaged_one():
+def test_schema_is_the_collectors():
+    from tunnel_telemetry import schema
+
     repo_schema = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
     assert tc.load_schema() == json.loads(repo_schema.read_text())
-    assert tc._validator() is tc._validator()  # compiled once
+    assert schema.validator() is schema.validator()  # compiled once, shared with the collector
 
 
 BAD_REPORTS = [
-    ("not-an-object", ["x"], ""),
+    ("not-an-object", ["x"], "$"),
     ("missing endpoint", {"report-type": "tunnel-telemetry", "time": "2024-01-01T00:00:00Z"},
-     ""),
+     "$.endpoint"),
     ("wrong type", {"report-type": "other", "time": "2024-01-01T00:00:00Z",
-                    "endpoint": "ss://1.2.3.4:1"}, "/report-type"),
-    ("time without zone", {"time": "2024-01-01T00:00:00"}, "/time"),
-    ("impossible date", {"time": "2024-13-45T00:00:00Z"}, "/time"),
-    ("no protocol", {"endpoint": "1.2.3.4:443"}, "/endpoint"),
-    ("credentials", {"endpoint": "ss://secret@1.2.3.4:443"}, "/endpoint"),
-    ("path", {"endpoint": "https://example.org:443/x"}, "/endpoint"),
-    ("port too big", {"endpoint": "ss://1.2.3.4:70000"}, "/endpoint"),
-    ("no port", {"endpoint": "ss://1.2.3.4"}, "/endpoint"),
-    ("bad ipv6", {"endpoint": "ss://[2001:zz::1]:443"}, "/endpoint"),
-    ("config number", {"config": {"a": 1}}, "/config/a"),
-    ("negative duration", {"duration_ms": -1}, "/duration_ms"),
-    ("failure without op", {"failure": {"msg": "x"}}, "/failure"),
-    ("zero sampling", {"sampling_rate": 0}, "/sampling_rate"),
-    ("bad asn", {"client_asn": "1234"}, "/client_asn"),
-    ("bad uuid", {"uuid": "nope"}, "/uuid"),
+                    "endpoint": "ss://1.2.3.4:1"}, "$['report-type']"),
+    ("time without zone", {"time": "2024-01-01T00:00:00"}, "$.time"),
+    ("impossible date", {"time": "2024-13-45T00:00:00Z"}, "$.time"),
+    ("no protocol", {"endpoint": "1.2.3.4:443"}, "$.endpoint"),
+    ("credentials", {"endpoint": "ss://secret@1.2.3.4:443"}, "$.endpoint"),
+    ("path", {"endpoint": "https://example.org:443/x"}, "$.endpoint"),
+    ("port too big", {"endpoint": "ss://1.2.3.4:70000"}, "$.endpoint"),
+    ("no port", {"endpoint": "ss://1.2.3.4"}, "$.endpoint"),
+    ("bad ipv6", {"endpoint": "ss://[2001:zz::1]:443"}, "$.endpoint"),
+    ("config number", {"config": {"a": 1}}, "$.config.a"),
+    ("negative duration", {"duration_ms": -1}, "$.duration_ms"),
+    ("failure without op", {"failure": {"msg": "x"}}, "$.failure"),
+    ("zero sampling", {"sampling_rate": 0}, "$.sampling_rate"),
+    ("bad asn", {"client_asn": "1234"}, "$.client_asn"),
+    ("bad uuid", {"uuid": "nope"}, "$.uuid"),
 ]
 
 
@@ -180,7 +182,7 @@ def test_invalid_reports_are_local_errors(name, change, path):
 
 
 def test_credentials_hint():
-    with pytest.raises(InvalidReport, match="credentials"):
+    with pytest.raises(InvalidReport, match="user information.*credentials"):
         validate_report({**a_report(), "endpoint": "ss://pw@1.2.3.4:443"})
 
 
@@ -195,19 +197,14 @@ def test_credentials_hint():
 def test_parse_endpoint(endpoint, proto, host, port):
     ep = parse_endpoint(endpoint)
     assert (ep.proto, ep.host, ep.port) == (proto, host, port)
-    assert ep.is_ip == (host != "proxy.example.org")
+    assert (ep.address is None) == (host == "proxy.example.org")
 
 
 @pytest.mark.parametrize(
-    "value,expected",
-    [
-        ("2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=UTC)),
-        ("2024-01-01 00:00:00.123456789+00:00", datetime(2024, 1, 1, 0, 0, 0, 123456, UTC)),
-        ("2024-01-01t00:00:00z", datetime(2024, 1, 1, tzinfo=UTC)),
-    ],
+    "value",
+    ["2024-01-01T00:00:00Z", "2024-01-01 00:00:00.123456789+02:00", "2024-01-01t00:00:00z"],
 )
-def test_rfc3339_variants(value, expected):
-    assert tc._parse_time(value) == expected
+def test_rfc3339_variants(value):
     validate_report({**a_report(), "time": value})
 
 

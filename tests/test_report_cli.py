@@ -85,8 +85,8 @@ def test_usage_errors_exit_2(runner, args, message):
         ("not json", "not JSON"),
         ("[1, 2]", "one JSON object"),
         (json.dumps({**REPORT, "endpoint": "ss://user:pw@1.2.3.4:443"}), "credentials"),
-        (json.dumps({**REPORT, "time": "yesterday"}), "/time"),
-        (json.dumps({k: v for k, v in REPORT.items() if k != "time"}), "'time' is a required"),
+        (json.dumps({**REPORT, "time": "yesterday"}), "$.time: 'yesterday' is not an RFC 3339"),
+        (json.dumps({k: v for k, v in REPORT.items() if k != "time"}), "$.time: is required"),
     ],
 )
 def test_invalid_report_exit_2_without_sending(runner, server, text, message):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -31,11 +30,9 @@ import tempfile
 import threading
 import time as _time
 import uuid as _uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,6 +41,10 @@ import jsonschema
 import requests
 
 from . import __version__
+from . import schema as _schema
+from .validate import Endpoint
+from .validate import parse_endpoint as _collector_parse_endpoint
+from .validate import parse_time as _collector_parse_time
 
 log = logging.getLogger(__name__)
 
@@ -254,101 +255,22 @@ def is_success(report: Mapping[str, Any]) -> bool:
 # --------------------------------------------------------------------------- checking
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A parsed ``protocol://address:port``; ``host`` has no brackets for IPv6."""
-
-    proto: str
-    host: str
-    port: int
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
-
-_ENDPOINT_RE = re.compile(
-    r"^(?P<proto>[a-z][a-z0-9+.-]{0,31})://"
-    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?)\]|(?P<host>[A-Za-z0-9._-]+))"
-    r":(?P<port>[0-9]{1,5})$"
-)
-
-
-def parse_endpoint(endpoint: str) -> Endpoint:
-    """Split ``protocol://address:port``; raise :class:`InvalidReport` with a hint when bad."""
+def parse_endpoint(endpoint: Any) -> Endpoint:
+    """Split ``protocol://address:port`` exactly as the collector does, or raise InvalidReport."""
     if not isinstance(endpoint, str):
-        raise InvalidReport("invalid endpoint", [{"path": "/endpoint", "message": "not a string"}])
-    m = _ENDPOINT_RE.match(endpoint)
-    if not m:
-        rest = endpoint.split("://", 1)[-1]
-        if "@" in rest:
-            hint = "credentials (user@) never belong in a report; use protocol://address:port"
-        elif "/" in rest or "?" in rest or "#" in rest:
-            hint = "no path or query allowed; use protocol://address:port"
-        else:
-            hint = "expected protocol://address:port (IPv6 in brackets)"
-        raise InvalidReport("invalid endpoint", [{"path": "/endpoint", "message": hint}])
-    port = int(m["port"])
-    if not 1 <= port <= 65535:
-        raise InvalidReport(
-            "invalid endpoint", [{"path": "/endpoint", "message": f"port {port} not in 1-65535"}]
-        )
-    host = m["ipv6"] or m["host"]
-    if m["ipv6"]:
-        try:
-            ipaddress.IPv6Address(host.split("%", 1)[0])
-        except ValueError:
-            raise InvalidReport(
-                "invalid endpoint",
-                [{"path": "/endpoint", "message": f"[{host}] is not an IPv6 address"}],
-            ) from None
-    return Endpoint(m["proto"], host, port)
-
-
-def schema_path() -> Path:
-    """Where the report schema is: the packaged copy, else the repository's ``schemas/``."""
+        raise InvalidReport("invalid endpoint", [{"path": "$.endpoint", "message": "not a string"}])
     try:
-        packaged = resources.files("tunnel_telemetry").joinpath("schemas", SCHEMA_NAME)
-        if packaged.is_file():
-            return Path(str(packaged))
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):  # pragma: no cover
-        pass
-    repo = Path(__file__).resolve().parent.parent / "schemas" / SCHEMA_NAME
-    if repo.is_file():
-        return repo
-    raise FileNotFoundError(f"{SCHEMA_NAME} not found in the package nor in {repo.parent}")
+        return _collector_parse_endpoint(endpoint)
+    except ValueError as exc:
+        hint = str(exc)
+        if "user information" in hint:
+            hint += " (credentials never belong in a report)"
+        raise InvalidReport("invalid endpoint", [{"path": "$.endpoint", "message": hint}]) from None
 
 
-@cache
 def load_schema() -> dict[str, Any]:
-    """The report JSON Schema the collector enforces (read once)."""
-    return json.loads(schema_path().read_text(encoding="utf-8"))
-
-
-@cache
-def _validator() -> jsonschema.protocols.Validator:
-    schema = load_schema()
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema)
-
-
-def _json_path(parts: Iterable[Any]) -> str:
-    return "".join(f"/{p}" for p in parts)
-
-
-_RFC3339_FRACTION = re.compile(r"\.(\d+)")
-
-
-def _parse_time(value: str) -> datetime:
-    text = value.replace("z", "Z").replace("t", "T").replace(" ", "T").replace("Z", "+00:00")
-    # fromisoformat accepts at most 6 fraction digits; RFC 3339 allows more.
-    text = _RFC3339_FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), text, count=1)
-    return datetime.fromisoformat(text)
+    """The report JSON Schema the collector enforces (read once, shared with the collector)."""
+    return _schema.load_schema()
 
 
 _PATTERN_HINTS = {
@@ -360,35 +282,39 @@ _PATTERN_HINTS = {
 }
 
 
-def _friendly(error: jsonschema.ValidationError) -> str:
-    """Plain words instead of a regular expression for a pattern mismatch."""
+def _problem(error: jsonschema.ValidationError) -> dict[str, str]:
+    """One schema error as the collector words its path, with plain words for patterns."""
+    path = error.json_path
+    message = error.message
+    if error.validator == "required" and message.count("'") >= 2:
+        name = message.split("'")[1]
+        path += f".{name}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else f"['{name}']"
+        message = "is required"
     field_name = error.absolute_path[-1] if error.absolute_path else None
     if error.validator == "pattern" and field_name in _PATTERN_HINTS:
-        return f"{error.instance!r} is not {_PATTERN_HINTS[field_name]}"
-    return error.message
+        message = f"{error.instance!r} is not {_PATTERN_HINTS[field_name]}"
+    return {"path": path, "message": message}
 
 
 def validate_report(report: Any) -> None:
     """Check a report as the collector will (schema, endpoint, time); raise :class:`InvalidReport`.
 
-    The collector's time window (too old / in the future) is its own configurable policy and is
-    not checked here.
+    Uses the collector's own compiled schema validator and parsers. The collector's time window
+    (too old / in the future) is its configurable policy and is not checked here.
     """
     if not isinstance(report, Mapping):
-        raise InvalidReport(
-            "invalid report", [{"path": "", "message": "a report is a JSON object"}]
-        )
-    errors = sorted(_validator().iter_errors(report), key=lambda e: list(e.absolute_path))
-    problems = [{"path": _json_path(e.absolute_path), "message": _friendly(e)} for e in errors]
+        raise InvalidReport("invalid report", [{"path": "$", "message": "must be an object"}])
+    errors = sorted(_schema.validator().iter_errors(report), key=lambda e: e.json_path)
+    problems = [_problem(e) for e in errors]
     if not problems:
         try:
             parse_endpoint(report["endpoint"])
         except InvalidReport as exc:
             problems.extend(exc.errors)
         try:
-            _parse_time(report["time"])
+            _collector_parse_time(report["time"])
         except ValueError as exc:
-            problems.append({"path": "/time", "message": f"not a valid time: {exc}"})
+            problems.append({"path": "$.time", "message": str(exc)})
     if problems:
         raise InvalidReport("invalid report", problems)
 
@@ -793,6 +719,7 @@ class Client:
         attempts: list[Attempt] = []
         eligible = list(self.collectors)
         not_before: dict[str, float] = {}
+        waited_until = start  # a sleep may return early or not move the clock (tests)
         for rnd in range(self.policy.attempts):
             if rnd:
                 delay = self.policy.delay(rnd, self.rng)
@@ -802,10 +729,12 @@ class Client:
                     log.info("giving up: next round would pass %.0fs", self.policy.max_elapsed)
                     break
                 log.info("retrying in %.1fs (round %d of %d)", delay, rnd + 1, self.policy.attempts)
+                before = self._clock()
                 if self._sleep(delay) or self._cancel.is_set():
                     raise NotDelivered(attempts, cancelled=True)
+                waited_until = before + delay
             for collector in list(eligible):
-                if not_before.get(collector, 0.0) > self._clock() + 0.001:
+                if not_before.get(collector, 0.0) > max(self._clock(), waited_until) + 0.001:
                     continue  # still inside its Retry-After
                 if rnd and self._clock() - start > self.policy.max_elapsed:
                     break

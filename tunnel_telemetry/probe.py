@@ -88,7 +88,7 @@ def resolve(
     ``getaddrinfo`` has no timeout of its own, so it runs in a daemon thread we stop waiting
     for after ``timeout`` seconds.
     """
-    if endpoint.is_ip:
+    if endpoint.address is not None:
         infos = socket.getaddrinfo(
             endpoint.host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
         )
