@@ -435,8 +435,23 @@ def test_cancel_stops_waiting(tmp_path):
         c.send(a_report())
     c.close()
     assert info.value.cancelled
-    assert len(info.value.attempts) == 1
+    assert info.value.attempts == ()  # no network once cancelled
     assert info.value.spooled.exists()  # kept for a later flush
+
+
+def test_cancel_between_rounds(server, make_client):
+    server.default = Reply(503)
+    holder = []
+
+    def sleep(seconds):
+        holder[0].cancel()  # the app shuts down while the client waits
+
+    c = make_client([server.url], sleep=sleep)
+    holder.append(c)
+    with pytest.raises(NotDelivered) as info:
+        c.send(a_report())
+    assert info.value.cancelled and len(server.requests) == 1
+    assert info.value.spooled.exists()
 
 
 def test_no_collectors_is_an_error(tmp_path):
@@ -655,3 +670,10 @@ def test_client_sampling_sends_rate_and_skips_sampled_out(server, make_client):
     assert all(r.json["sampling_rate"] == 0.3 for r in server.requests)
     assert c.send(a_report(failure=failure("tcp.connect"))) is not None
     assert "sampling_rate" not in server.requests[-1].json
+
+
+def test_invalid_report_is_an_error_even_when_sampled_out(server, make_client):
+    c = make_client([server.url], sampler=Sampler(0.0, 0.0))
+    with pytest.raises(InvalidReport):
+        c.send({**a_report(), "time": "noon"})
+    assert c.send(a_report()) is None and server.requests == []

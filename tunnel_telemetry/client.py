@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 REPORT_TYPE = "tunnel-telemetry"
 USER_AGENT = f"tunnel-telemetry-client/{__version__}"
-SCHEMA_NAME = "report.schema.json"
 MAX_ANSWER_BYTES = 1 << 20
 
 # Statuses that are the report's fault: sending it elsewhere would fail the same way.
@@ -655,12 +654,13 @@ class Client:
             self.session.close()
 
     def cancel(self) -> None:
-        """Stop waiting between retries: the current delivery ends as :class:`NotDelivered`."""
+        """Stop delivering (e.g. at shutdown): the current and later sends end as
+        :class:`NotDelivered` before their next attempt, their reports left in the spool."""
         self._cancel.set()
 
     # public API
     def send(self, report: Mapping[str, Any]) -> Receipt | None:
-        """Sample, check, deliver; spool when no collector took it.
+        """Check, sample, deliver; spool when no collector took it.
 
         Returns the :class:`Receipt`, or ``None`` when the sampler left the report out. Raises
         :class:`InvalidReport` (bad report, not sent), :class:`ReportRejected` (400/413/415,
@@ -668,13 +668,13 @@ class Client:
         The report is written to the spool before the first attempt and removed once a
         collector answered, so a crash mid-way loses nothing.
         """
+        report = self.prepare(report)  # a bad report is an error even if sampled out
         if self.sampler is not None:
             sampled = self.sampler.sample(report)
             if sampled is None:
                 log.info("report sampled out (fraction %s)", self.sampler.fraction(report))
                 return None
             report = sampled
-        report = self.prepare(report)
         if not self.collectors:
             raise ClientError("no collector configured")
         path: Path | None = None
@@ -734,6 +734,8 @@ class Client:
                     raise NotDelivered(attempts, cancelled=True)
                 waited_until = before + delay
             for collector in list(eligible):
+                if self._cancel.is_set():
+                    raise NotDelivered(attempts, cancelled=True)
                 if not_before.get(collector, 0.0) > max(self._clock(), waited_until) + 0.001:
                     continue  # still inside its Retry-After
                 if rnd and self._clock() - start > self.policy.max_elapsed:
@@ -751,8 +753,6 @@ class Client:
                     eligible.remove(collector)
                 elif att.retry_after is not None:
                     not_before[collector] = self._clock() + att.retry_after
-                if self._cancel.is_set():
-                    raise NotDelivered(attempts, cancelled=True)
             if not eligible:
                 break
         raise NotDelivered(attempts)
