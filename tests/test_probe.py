@@ -16,8 +16,6 @@ from tunnel_telemetry.testing.listeners import (
     server_context,
 )
 
-pytest.importorskip("cryptography")
-
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
