@@ -4,6 +4,7 @@ Collectors here are real HTTP servers on 127.0.0.1 (tunnel_telemetry.testing.scr
 answers each test scripts; sleeps between retry rounds are recorded instead of slept.
 """
 
+import errno
 import json
 import os
 import random
@@ -677,3 +678,18 @@ def test_invalid_report_is_an_error_even_when_sampled_out(server, make_client):
     with pytest.raises(InvalidReport):
         c.send({**a_report(), "time": "noon"})
     assert c.send(a_report()) is None and server.requests == []
+
+
+def test_transport_errors_are_named():
+    import socket
+
+    import urllib3
+
+    gai = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    wrapped = urllib3.exceptions.MaxRetryError(None, "/report", reason=gai)
+    assert tc._describe_exception(requests.ConnectionError(wrapped)) == "DNS EAI_NONAME"
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    assert tc._describe_exception(requests.ConnectionError(refused)) == "ECONNREFUSED"
+    assert tc._describe_exception(requests.ConnectTimeout()) == "connect timeout"
+    assert tc._describe_exception(requests.ReadTimeout()) == "read timeout"
+    assert tc._describe_exception(requests.ConnectionError("?")) == "connection error"

@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import re
+import socket
 import tempfile
 import threading
 import time as _time
@@ -565,6 +566,8 @@ def _describe_exception(exc: BaseException) -> str:
         if id(e) in seen:
             continue
         seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return "DNS " + _EAI_NAMES.get(e.errno, "error")
         if isinstance(e, OSError) and e.errno in errno.errorcode:
             return errno.errorcode[e.errno]
         todo.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
@@ -577,6 +580,8 @@ def _describe_exception(exc: BaseException) -> str:
         return "connection error"
     return type(exc).__name__
 
+
+_EAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
 
 Sleep = Callable[[float], Any]
 
