@@ -1,0 +1,1 @@
+"""Importable helpers for tests, benchmarks and operators (fake OONI collector, ...)."""
