@@ -155,6 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.live_lock:
             self.server.live.add(self.connection)
             if self.server.closing:  # accepted while stopping: let the thread end now
@@ -210,8 +211,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+        self._headers_buffer.append(b"\r\n" + data)  # headers and body in one write
+        self.flush_headers()
 
 
 class FakeOONI:
@@ -295,7 +296,8 @@ class FakeOONI:
         ops: Iterable[str] = ("open", "submit"),
     ) -> None:
         """Misbehave on matching requests: an HTTP status (e.g. 503), 429, reset, disconnect
-        or empty (200 ``{}`` for a submission), ``times`` times or until ``clear_faults()``."""
+        or empty (200 ``{}``: a submission checked but dropped, an open without report id),
+        ``times`` times or until ``clear_faults()``."""
         status = 503
         if isinstance(kind, int) or str(kind).isdigit():
             status = int(kind)
@@ -434,6 +436,8 @@ class FakeOONI:
                 hdr = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
                 return 429, {"detail": "Too Many Requests"}, hdr
             return fault.status, {"detail": "Injected failure"}, {}
+        if fault is not None and op == "open":  # empty: an answer without a report id
+            return 200, {}, {}
         try:
             if op == "open":
                 return 200, self._open(body), {}
