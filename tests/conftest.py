@@ -1,0 +1,58 @@
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from tunnel_telemetry import create_app
+from tunnel_telemetry.testing.reports import iso, make_report  # noqa: F401
+from tunnel_telemetry.testing.server import TTServer
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    return f"sqlite:///{tmp_path}/reports.db"
+
+
+@pytest.fixture
+def app_config(db_url):
+    """Options for the app fixture; tests override entries by mutating it first."""
+    return {"database-url": db_url, "collector-id": "test-collector"}
+
+
+@pytest.fixture
+def app(app_config):
+    app = create_app(app_config)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["tunnel_telemetry"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def new_uuid():
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def tt_server(tmp_path):
+    """Factory: start real tt-server processes; all are stopped at the end of the test."""
+    servers = []
+
+    def start(*args, env=None, name="server", **kwargs):
+        workdir = tmp_path / name
+        server = TTServer(workdir, list(args), env=env, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
