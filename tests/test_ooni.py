@@ -99,6 +99,8 @@ def test_day_roll_over_opens_a_new_report_and_closes_the_old(fake):
         assert c.send(stored()).state == "delivered"
         now[0] += 120  # next UTC day
         assert c.send(stored()).state == "delivered"
+        assert fake.stats()["closes"] == 0  # closing is not on the sending path
+        assert c.close_stale() == 1
         s = fake.stats()
         assert (s["opens"], s["closes"], s["open_reports"]) == (2, 1, 1)
         tsts = sorted(r.meta["test_start_time"] for r in fake.reports().values())
@@ -106,6 +108,16 @@ def test_day_roll_over_opens_a_new_report_and_closes_the_old(fake):
     finally:
         c.close()
     assert fake.stats()["closes"] == 2
+
+
+def test_close_within_budget_when_ooni_is_unreachable(fake):
+    c = ooni.OONIClient(fake.url, timeout=5)
+    for cc in ("IT", "DE", "FR"):
+        c.send(stored(client_cc=cc))
+    fake.set_latency(1.0)
+    c.close(timeout=0.2, budget=0.3)  # does not wait 3 x 0.2 s
+    close_requests = [r for r in fake.requests if r.path.endswith("/close")]
+    assert 1 <= len(close_requests) <= 2
 
 
 def test_close_closes_open_reports_and_session(fake):

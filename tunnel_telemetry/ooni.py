@@ -4,7 +4,8 @@ Speaks OONI's report protocol (open ``POST /report``, submit ``POST /report/{id}
 ``POST /report/{id}/close``) over one keep-alive ``requests.Session``.  An open report is
 reused for every measurement with the same (probe_cc, probe_asn, UTC day, test version), so
 a report normally costs one round trip; reports are closed when the day rolls over and at
-shutdown.  The measurement follows OONI's base data format (df-000).
+shutdown (``close_stale()`` / ``close()``).  The measurement follows OONI's base data
+format (df-000).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class OONIClient:
         self._lock = threading.Lock()
         self._reports: dict[tuple[str, str, str, str], OpenReport] = {}
         self._key_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
+        self._stale: list[OpenReport] = []
 
     # -- public ---------------------------------------------------------------------------
 
@@ -166,13 +168,31 @@ class OONIClient:
         with self._lock:
             return list(self._reports.values())
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Close every open report (best effort) and the HTTP session."""
+    def close_stale(self, timeout: float = 2.0, budget: float = 10.0) -> int:
+        """Close reports of past days (the day rolled over); returns how many were closed."""
         with self._lock:
-            reports, self._reports = list(self._reports.values()), {}
-        for rep in reports:
-            self._close_report(rep, timeout)
+            stale, self._stale = self._stale, []
+        return self._close_all(stale, timeout, budget)
+
+    def close(self, timeout: float = 2.0, budget: float = 5.0) -> None:
+        """Close every open report (best effort, within ``budget`` s) and the HTTP session."""
+        with self._lock:
+            reports = self._stale + list(self._reports.values())
+            self._stale, self._reports = [], {}
+        self._close_all(reports, timeout, budget)
         self.session.close()
+
+    def _close_all(self, reports: list[OpenReport], timeout: float, budget: float) -> int:
+        end = time.monotonic() + budget
+        done = 0
+        for rep in reports:
+            left = end - time.monotonic()
+            if left <= 0:
+                log.info("ooni: %d reports left open (no time to close them)", len(reports) - done)
+                break
+            self._close_report(rep, min(timeout, left))
+            done += 1
+        return done
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -218,12 +238,11 @@ class OONIClient:
                 return rep_or_outcome
             with self._lock:
                 self._reports[key] = rep_or_outcome
-                stale = [r for k, r in self._reports.items() if k[2] != day]
-                for r in stale:
+                for r in [r for k, r in self._reports.items() if k[2] != day]:
+                    # The day rolled over: yesterday's report is closed by close_stale().
                     del self._reports[r.key]
                     self._key_locks.pop(r.key, None)
-        for r in stale:  # the day rolled over: close yesterday's reports
-            self._close_report(r, min(2.0, self.timeout))
+                    self._stale.append(r)
         return rep_or_outcome
 
     def _open(self, key: tuple[str, str, str, str], now: float,
