@@ -1,1 +1,1 @@
-"""Importable helpers for tests, benchmarks and operators (fake OONI collector, ...)."""
+"""Importable helpers for tests and benchmarks (and a fake OONI collector for operators)."""
