@@ -111,7 +111,7 @@ def test_no_duplicate_delivery_across_workers_and_retry_loops(tt_server, fake):
     a = tt_server("--ooni-relay", "--ooni-api", fake.url, "--workers", "4", "--threads", "4",
                   "--relay-interval", "50ms", "--relay-retry-min", "50ms",
                   "--relay-retry-max", "200ms")
-    assert len(a.worker_pids()) == 4
+    wait_until(lambda: len(a.worker_pids()) == 4, what="4 workers")
     with ThreadPoolExecutor(8) as pool:
         bodies = list(pool.map(lambda _: post(a), range(80)))
     wait_until(lambda: fake.stats()["uuids"] == 80, timeout=60, what="all delivered")
@@ -139,16 +139,24 @@ def test_relay_once_command_uses_the_servers_configuration_sources(tt_server, fa
 
 
 @pytest.mark.parametrize("a_allows", [False, True])
-def test_chain_a_to_b_keeps_client_ip_and_endpoint_from_b(tt_server, fake, a_allows):
+def test_chain_a_to_b_keeps_client_ip_and_endpoint_from_b(tt_server, fake, geo_dbs, a_allows):
+    client_ip, endpoint_ip = "2.3.4.77", "1.1.1.9"  # known networks of the test geo databases
     b = tt_server("--relay-tokens", TOKEN, "--ooni-relay", "--ooni-api", fake.url,
-                  "--collector-id", "secondary", *FAST, name="b")
+                  "--collector-id", "secondary", *FAST, name="b")  # no geo databases at all
     a_args = ["--relay-url", b.url, "--relay-token", TOKEN, "--proxy-hops", "1",
-              "--collector-id", "primary"] + (["--allow-public-endpoint"] if a_allows else [])
+              "--collector-id", "primary", "--geoip-country-db", str(geo_dbs[0]),
+              "--geoip-asn-db", str(geo_dbs[1])] + (["--allow-public-endpoint"] if a_allows else [])
     a = tt_server(*a_args, name="a")
-    body = post(a, endpoint=f"ss://{ENDPOINT_IP}:443", config={"prefix": "xx"},
-                failure={"op": "tls.handshake", "msg": f"reset by {ENDPOINT_IP}"})
+    resp = requests.post(f"{a.url}/report", timeout=10, headers={"X-Forwarded-For": client_ip},
+                         json=make_report(endpoint=f"ss://{endpoint_ip}:443",
+                                          failure={"op": "tls.handshake",
+                                                   "msg": f"reset by {endpoint_ip}"}))
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
     assert "relay" not in body  # delivered to B within the request
     assert ("endpoint" in body) is a_allows
+    assert (body["client_asn"], body["client_cc"]) == ("AS50304", "NO")
+    assert (body["endpoint_asn"], body["endpoint_cc"]) == ("AS13335", "AU")
     wait_until(lambda: fake.stats()["submissions"] == 1, what="B relayed on to OONI")
     store = db_of(b)
     try:
@@ -158,14 +166,15 @@ def test_chain_a_to_b_keeps_client_ip_and_endpoint_from_b(tt_server, fake, a_all
     expected = {k: v for k, v in body.items() if k not in ("endpoint", "endpoint_addr")}
     assert {k: v for k, v in at_b.items() if not k.startswith("ooni-")} == expected
     assert at_b["collector_id"] == "primary"  # the primary's, not B's
-    assert (at_b["client_asn"], at_b["client_cc"]) == ("AS30722", "IT")  # never re-geolocated
+    assert at_b["ooni-measurement-link"].endswith(at_b["ooni-measurement-id"])
     [m] = fake.measurements
     assert m.uuid == body["uuid"] and m.content["annotations"]["collector_id"] == "primary"
+    assert (m.content["probe_cc"], m.content["probe_asn"]) == ("NO", "AS50304")
     a.stop()
     b.stop()
     at_b_bytes = stored_bytes(b)  # database, WAL and logs of B
-    assert CLIENT_IP.encode() not in at_b_bytes
-    assert ENDPOINT_IP.encode() not in at_b_bytes
+    assert client_ip.encode() not in at_b_bytes
+    assert endpoint_ip.encode() not in at_b_bytes
     text = fake.all_text()
-    assert CLIENT_IP not in text and ENDPOINT_IP not in text
-    assert CLIENT_IP.encode() not in stored_bytes(a)
+    assert client_ip not in text and endpoint_ip not in text
+    assert client_ip.encode() not in stored_bytes(a)
