@@ -168,7 +168,8 @@ def test_timeout_is_retryable_and_bounded(fake, client):
 
 def test_timeout_budget_covers_open_and_submit(fake, client):
     fake.set_latency(0.15)
-    out = client.send(stored(), timeout=0.25)  # open fits, open + submit does not
+    out = client.send(stored(), timeout=0.4)  # open fits, open + submit does not
+    assert fake.stats()["opens"] == 1
     assert (out.state, out.reason) == ("pending", "timeout")
 
 

@@ -138,11 +138,13 @@ class Deadline:
         self.cap = cap
         self.end = None if seconds is None else time.monotonic() + seconds
 
-    def timeout(self) -> float:
-        """Seconds the next call may take (at most ``cap``); raises Timeout when spent."""
-        if self.end is None:
-            return self.cap
-        left = self.end - time.monotonic()
-        if left <= 0.001:
-            raise requests.Timeout("relay deadline reached")
-        return min(self.cap, left)
+    def timeout(self) -> tuple[float, float]:
+        """(connect, read) timeouts for the next call: together at most ``cap`` and what is
+        left of the budget; raises Timeout when the budget is spent."""
+        left = self.cap
+        if self.end is not None:
+            left = min(left, self.end - time.monotonic())
+            if left <= 0.002:
+                raise requests.Timeout("relay deadline reached")
+        connect = min(left / 2, 10.0)
+        return connect, left - connect
