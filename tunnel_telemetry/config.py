@@ -286,6 +286,9 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
     for url in (config.ooni_api, *config.relay_url):
         if not re.match(r"^https?://[^\s/]+", url):
             raise ConfigError(f"relay: not an http(s) URL: {url!r}")
+        if "@" in url.split("/", 3)[2]:
+            raise ConfigError("relay: no credentials in URLs (they would show in logs and "
+                              "/healthz); use relay-token")
     if config.relay_url and not config.relay_token:
         raise ConfigError("relay-token: required with relay-url (a secondary's /relay "
                           "accepts only its relay-tokens)")
