@@ -12,6 +12,7 @@ from . import __version__
 from .enrich import enrich
 from .errors import ReportError
 from .proxy import ENVIRON_KEY
+from .relay import MAX_BATCH, check_token, receive_batch
 from .schema import load_schema
 from .scrub import scrub
 from .validate import parse_json, validate
@@ -57,10 +58,21 @@ def post_report() -> tuple[Response, int]:
     enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
                       config.collector_id)
     clean = scrub(enriched, config.allow_public_endpoint)
-    stored, created = svc.store.add(clean, svc.relay.destinations())
+    stored, created = svc.store.add(clean, svc.relay.destinations(), **svc.relay.add_options())
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
     return jsonify({**stored, **extra}), 201
+
+
+@bp.post("/relay")
+def post_relay() -> tuple[Response, int]:
+    """Reports relayed by a primary collector (bearer token from relay-tokens)."""
+    svc = services()
+    check_token(request.headers.get("Authorization"), svc.config.relay_tokens)
+    limit = MAX_BATCH * svc.config.max_report_size
+    request.max_content_length = limit
+    body = receive_batch(read_json_body(limit), svc.store, svc.relay, svc.config)
+    return jsonify(body), 200
 
 
 @bp.get("/")
@@ -82,7 +94,8 @@ def healthz() -> tuple[Response, int]:
         "store": {"backend": svc.store.backend, "ok": store_ok},
         "geo": svc.geo.info(),
         "relay": {"destinations": svc.relay.destinations(),
-                  "backlog": svc.store.backlog() if store_ok else None},
+                  "backlog": svc.store.backlog() if store_ok else None,
+                  **svc.relay.health()},
     }
     return jsonify(body), 200 if store_ok else 503
 
