@@ -89,15 +89,27 @@ def version() -> Response:
 def healthz() -> tuple[Response, int]:
     svc = services()
     store_ok = svc.store.ping()
+    label = public_labels(svc.relay.destinations())
+    backlog = svc.store.backlog() if store_ok else None
+    health = svc.relay.health()
+    if "backing_off_s" in health:
+        health["backing_off_s"] = {label(d): v for d, v in health["backing_off_s"].items()}
     body: dict[str, Any] = {
         "ok": store_ok,
         "store": {"backend": svc.store.backend, "ok": store_ok},
         "geo": svc.geo.info(),
-        "relay": {"destinations": svc.relay.destinations(),
-                  "backlog": svc.store.backlog() if store_ok else None,
-                  **svc.relay.health()},
+        "relay": {"destinations": [label(d) for d in svc.relay.destinations()],
+                  "backlog": {label(d): v for d, v in backlog.items()} if backlog else backlog,
+                  **health},
     }
     return jsonify(body), 200 if store_ok else 503
+
+
+def public_labels(destinations: list[str]) -> Any:
+    """Name relay destinations for a public page: secondary collectors by position, no URL."""
+    names = {d: f"collector-{i}" for i, d in
+             enumerate((d for d in destinations if d != "ooni"), start=1)}
+    return lambda dest: dest if dest == "ooni" else names.get(dest, "collector-unconfigured")
 
 
 @bp.get("/report.schema.json")
