@@ -161,7 +161,7 @@ BAD_REPORTS = [
     ("bad ipv6", {"endpoint": "ss://[2001:zz::1]:443"}, "$.endpoint"),
     ("config number", {"config": {"a": 1}}, "$.config.a"),
     ("negative duration", {"duration_ms": -1}, "$.duration_ms"),
-    ("failure without op", {"failure": {"msg": "x"}}, "$.failure"),
+    ("failure without op", {"failure": {"msg": "x"}}, "$.failure.op"),
     ("zero sampling", {"sampling_rate": 0}, "$.sampling_rate"),
     ("bad asn", {"client_asn": "1234"}, "$.client_asn"),
     ("bad uuid", {"uuid": "nope"}, "$.uuid"),

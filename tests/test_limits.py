@@ -344,3 +344,14 @@ def test_global_in_flight_cap_across_workers_and_a_killed_worker(tt_server):
         assert wait_for(lambda: post_with(server.url, "192.0.2.6")[0] == 201, timeout=20)
     finally:
         sock.close()
+
+
+def test_relay_batches_are_not_limited_per_client(limited_app):
+    app = limited_app(rate_limit=6, rate_limit_burst=1, relay_tokens="t0123456789abcdef")
+    client = app.test_client()
+    assert post(client).status_code == 201
+    assert post(client).status_code == 429
+    for _ in range(3):
+        resp = client.post("/relay", json=[], environ_base={"REMOTE_ADDR": "192.0.2.1"},
+                           headers={"Authorization": "Bearer t0123456789abcdef"})
+        assert resp.status_code != 429, resp.get_json()

@@ -436,6 +436,14 @@ def test_relay_body_size_limit_is_413(secondary):
     assert resp.status_code == 413 and resp.get_json()["ok"] is False
 
 
+def test_relay_body_of_exactly_the_limit_is_read(secondary):
+    limit = MAX_BATCH * 64 * 1024
+    resp = secondary.test_client().post(
+        "/relay", data=b"[" + b" " * (limit - 2) + b"]",
+        headers={"Authorization": f"Bearer {TOKEN}"}, content_type="application/json")
+    assert resp.status_code == 400, resp.get_json()  # an empty batch, not "too large"
+
+
 def test_relay_batch_larger_than_one_report_is_accepted(secondary):
     items = [relayed(config={f"k{i}": "v" * 1000 for i in range(60)}) for _ in range(3)]
     assert len(json.dumps(items)) > 64 * 1024

@@ -256,15 +256,18 @@ class Limits:
         digest = hmac.new(self._key, raw, "sha256").digest()
         return int.from_bytes(digest[:8], "little") or 1
 
-    def admit(self, ip: str | None) -> Ticket:
-        """Let a request in, or raise Busy (429 for this client, 503 for everyone)."""
+    def admit(self, ip: str | None, per_client: bool = True) -> Ticket:
+        """Let a request in, or raise Busy (429 for this client, 503 for everyone).
+
+        ``per_client=False`` applies the global cap only (authenticated collector traffic).
+        """
         ticket = Ticket(self.client_key(ip))
-        if self.rate is not None:
+        if per_client and self.rate is not None:
             wait = self.rate.take(ticket.client)
             if wait > 0:
                 raise Busy("rate_limited", "too many reports from this address, retry later",
                            429, wait)
-        if self.client_inflight is not None:
+        if per_client and self.client_inflight is not None:
             if not self.client_inflight.enter(ticket.client):
                 raise Busy("client_busy", "too many requests in progress from this address",
                            429, 1)
@@ -305,7 +308,12 @@ def build_limits(config: Any) -> Limits:
 
 
 def init_app(app: Any, limits: Limits) -> None:
-    """Admit every POST through ``limits`` before its body is read; release it afterwards."""
+    """Admit every POST through ``limits`` before its body is read; release it afterwards.
+
+    The per-client limits apply to POST /report, the public endpoint; POST /relay carries a
+    primary collector's token (checked before its body is read) and counts against the
+    global in-flight cap only, so one primary draining a backlog is not throttled as a client.
+    """
     from flask import g, request
 
     from .proxy import ENVIRON_KEY
@@ -313,7 +321,8 @@ def init_app(app: Any, limits: Limits) -> None:
     @app.before_request
     def _admit() -> None:
         if request.method == "POST":
-            g.tt_ticket = limits.admit(request.environ.get(ENVIRON_KEY))
+            g.tt_ticket = limits.admit(request.environ.get(ENVIRON_KEY),
+                                       per_client=request.path == "/report")
 
     @app.teardown_request
     def _release(exc: BaseException | None) -> None:

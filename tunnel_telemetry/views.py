@@ -88,7 +88,7 @@ def post_relay() -> tuple[Response, int]:
     svc = services()
     check_token(request.headers.get("Authorization"), svc.config.relay_tokens)
     limit = MAX_BATCH * svc.config.max_report_size
-    request.max_content_length = limit
+    request.max_content_length = limit + 1  # read_json_body reads limit + 1 to detect "over"
     body = receive_batch(read_json_body(limit), svc.store, svc.relay, svc.config)
     return jsonify(body), 200
 

@@ -34,7 +34,10 @@ class TTServer:
         self.args = list(args or [])
         self.command = command
         self.cwd = Path(cwd) if cwd else self.workdir
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Every test client is 127.0.0.1: one "client" sending a whole test's load. The
+        # per-client limits are off unless a test turns them on (a flag beats the environment).
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RATE_LIMIT": "0",
+                    "MAX_IN_FLIGHT_PER_CLIENT": "0", **(env or {})}
         self.env.pop("CONFIG", None)
         self.proc: subprocess.Popen | None = None
         self.stdout_path = self.workdir / "stdout.log"
