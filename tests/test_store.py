@@ -107,6 +107,9 @@ def test_wal_mode(db_url, store):
     ("mysql://x/y", "unsupported scheme"),
     ("sqlite://relative.db", "expected sqlite"),
     ("sqlite:////proc/no/such/dir/x.db", "cannot open"),
+    ("sqlite:///x.db?timeout=0", "timeout"),
+    ("sqlite:///x.db?timeout=soon", "timeout"),
+    ("sqlite:///x.db?journal=off", "unknown SQLite option 'journal'"),
 ])
 def test_open_errors(url, message):
     with pytest.raises(StoreError, match=message):
@@ -195,3 +198,40 @@ def test_requeue_failed(store):
     assert [c.uuid for c in store.claim("ooni", 10, "w", 30)] == [uids[0], uids[2]]
     with pytest.raises(ValueError):
         store.requeue("ooni", ("pending",))
+
+
+def test_sqlite_url_timeout(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/t.db?timeout=0.25")
+    assert store.busy_timeout == 0.25 and store.path == f"{tmp_path}/t.db"
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])
+def test_a_database_file_gone_while_open_is_503_not_a_ghost_write(tmp_path, how):
+    """An open SQLite file that is deleted keeps accepting writes that are lost on restart."""
+    path = tmp_path / "r.db"
+    store = SQLiteStore(str(path))
+    store.add(report(), ["ooni"])
+    assert store.ping()
+    if how == "deleted":
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"r.db{suffix}").unlink()
+    elif how == "moved":
+        os.rename(path, tmp_path / "elsewhere.db")
+    else:
+        other = SQLiteStore(str(tmp_path / "other.db"))
+        other.close()
+        for suffix in ("-wal", "-shm"):  # a restored copy comes without the old WAL
+            (tmp_path / f"r.db{suffix}").unlink()
+        os.replace(tmp_path / "other.db", path)
+    with pytest.raises(StoreUnavailable):
+        store.add(report(), ["ooni"])
+    assert store.ping() is (how == "replaced")
+    if how == "replaced":  # the file now at the path is used from here on
+        store.add(report(), ["ooni"])
+        assert store.count() == 1
+    else:
+        with pytest.raises(StoreUnavailable):
+            store.add(report(), ["ooni"])
+        assert not path.exists(), "no empty database is started in its place"
+    store.close()

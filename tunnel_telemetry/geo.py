@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import shutil
 from typing import Any
 
 import maxminddb
@@ -40,10 +41,37 @@ class GeoError(Exception):
         self.option = option
 
 
+def _private_copy(path: str) -> int | None:
+    """An in-memory copy of the file (memfd) to map instead of the file itself, or None.
+
+    A mapped file that is rewritten in place (``cp new.mmdb GeoLite2-Country.mmdb``) or
+    truncated kills the process with SIGBUS on the next lookup that touches a lost page, and
+    gunicorn workers forked from a preloaded master inherit that mapping: a crash loop. The
+    copy belongs to this collector, so whatever happens to the file only matters at reload.
+    Forked workers share the copy's pages, as they shared the file's.
+    """
+    with open(path, "rb") as src:  # raises the precise OSError for a bad path
+        if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+            return None
+        fd = os.memfd_create("tunnel-telemetry-geo", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
 def _open_reader(option: str, path: str) -> Any:
     try:
-        open(path, "rb").close()  # a precise error: the C reader says "no such file" for all
-        return maxminddb.open_database(path, _MODE)
+        fd = _private_copy(path)
+        if fd is None:
+            return maxminddb.open_database(path, _MODE)
+        try:
+            return maxminddb.open_database(f"/proc/self/fd/{fd}", _MODE)
+        finally:
+            os.close(fd)  # the reader's mapping keeps the copy alive
     except FileNotFoundError:
         reason, problem = "geo_db_missing", "no such file"
     except IsADirectoryError:

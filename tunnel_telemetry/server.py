@@ -51,6 +51,19 @@ def worker_exit(server: Any, worker: Any) -> None:
             logging.getLogger(__name__).warning("close failed on worker exit")
 
 
+def on_reload(arbiter: Any) -> None:
+    """SIGHUP: reopen the geo databases in the master; the workers forked next use them.
+
+    The app is preloaded in the master, so workers inherit its readers: reopening there, before
+    gunicorn replaces the workers, makes an updated database live without a restart. A file
+    that cannot be opened keeps the current one (logged as geo_reload_failed).
+    """
+    app = getattr(arbiter.app, "callable", None)
+    svc = getattr(app, "extensions", {}).get("tunnel_telemetry")
+    if svc is not None:
+        svc.geo.reload()
+
+
 def gunicorn_options(config: Any) -> dict[str, Any]:
     """Gunicorn settings for a Config; shared by tt-server and gunicorn.conf.py."""
     options: dict[str, Any] = {
@@ -70,6 +83,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "keepalive": 5,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        "on_reload": on_reload,
         "proc_name": "tt-server",
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .errors import StoreUnavailable
 
@@ -119,7 +119,7 @@ class SQLiteStore:
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
-            conn = self._connect()
+            conn = self._connect(create=True)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SQLITE_SCHEMA)
             conn.execute("BEGIN IMMEDIATE")
@@ -128,8 +128,11 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"database-url: cannot open {path}: {exc}") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+    def _connect(self, create: bool = False) -> sqlite3.Connection:
+        # Only start-up creates the file: a later connection to a deleted one must fail, not
+        # start an empty database beside the relay queue.
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode={'rwc' if create else 'rw'}"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
@@ -139,14 +142,37 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
+            local.file = _file_id(self.path)  # before connecting: a later swap is caught
             local.conn = self._connect()
             local.pid = os.getpid()
         return local.conn
 
+    def _checked_conn(self) -> sqlite3.Connection:
+        """The connection, if the file it has open is still the one at ``path``.
+
+        An open SQLite file that is deleted or replaced keeps working through its descriptor:
+        reports written there are acknowledged and then lost. Checked before every write (one
+        stat); the connection is dropped so the next one opens whatever is there now.
+        """
+        conn = self._conn
+        if _file_id(self.path) != self._local.file:
+            local = self._local
+            local.pid = None
+            try:
+                local.conn.close()
+            except sqlite3.Error:
+                pass
+            raise sqlite3.OperationalError("database file missing or replaced")
+        return conn
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """An immediate (write-locking) transaction; any SQLite error becomes a 503."""
-        conn = self._conn
+        try:
+            conn = self._checked_conn()
+        except sqlite3.Error as exc:
+            log.error("store error: %s %s", type(exc).__name__, sqlite_reason(exc))
+            raise StoreUnavailable("store_error") from None
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -156,9 +182,12 @@ class SQLiteStore:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.error("store error: %s", type(exc).__name__)
+            log.error("store error: %s %s", type(exc).__name__, sqlite_reason(exc))
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # e.g. an I/O error again: SQLite rolls back on reopen
+                    log.error("store error: rollback failed")
             raise StoreUnavailable("store_error") from None
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
@@ -318,7 +347,7 @@ class SQLiteStore:
 
     def ping(self) -> bool:
         try:
-            self._conn.execute("SELECT 1 FROM reports LIMIT 1").fetchall()
+            self._checked_conn().execute("SELECT 1 FROM reports LIMIT 1").fetchall()
         except sqlite3.Error:
             return False
         return True
@@ -330,19 +359,60 @@ class SQLiteStore:
         self._local = threading.local()
 
 
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+_SQLITE_REASONS = (
+    ("missing or replaced", "gone"), ("full", "disk_full"), ("locked", "locked"),
+    ("busy", "locked"), ("readonly", "read_only"),
+    ("read-only", "read_only"), ("i/o", "io_error"), ("malformed", "corrupt"),
+    ("not a database", "corrupt"), ("unable to open", "cannot_open"),
+)
+
+
+def sqlite_reason(exc: sqlite3.Error) -> str:
+    """A short code for an SQLite error, for logs (SQLite's own texts name no data)."""
+    text = str(exc).lower()
+    for fragment, reason in _SQLITE_REASONS:
+        if fragment in text:
+            return reason
+    return "other"
+
+
 def sqlite_path(url: str) -> str:
     """sqlite:///relative/path -> relative/path; sqlite:////abs/path -> /abs/path."""
-    rest = url[len("sqlite://"):]
+    rest = url[len("sqlite://"):].partition("?")[0]
     if not rest.startswith("/") or rest == "/":
         raise StoreError("database-url: expected sqlite:///relative/path or sqlite:////abs/path")
     return unquote(rest[1:])
+
+
+def sqlite_options(url: str) -> dict[str, float]:
+    """Options in the URL's query: ?timeout=SECONDS, how long a write waits for a lock."""
+    options: dict[str, float] = {}
+    for name, values in parse_qs(urlsplit(url).query, keep_blank_values=True).items():
+        if name != "timeout":
+            raise StoreError(f"database-url: unknown SQLite option {name!r} (known: timeout)")
+        try:
+            timeout = float(values[-1])
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout <= 600:
+            raise StoreError("database-url: timeout must be seconds between 0 and 600")
+        options["busy_timeout"] = timeout
+    return options
 
 
 def open_store(url: str) -> Store:
     """Open the backend named by the URL scheme; StoreError with one line when it cannot."""
     scheme = urlsplit(url).scheme.lower()
     if scheme == "sqlite":
-        return SQLiteStore(sqlite_path(url))
+        return SQLiteStore(sqlite_path(url), **sqlite_options(url))
     if scheme in ("postgres", "postgresql"):
         try:
             from .store_pg import PostgresStore  # noqa: PLC0415 - optional backend

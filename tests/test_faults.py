@@ -1,0 +1,295 @@
+"""Faults around a running collector: a full, read-only or locked store; geo databases that are
+truncated, replaced or missing while it runs (reloaded on SIGHUP without a restart)."""
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+
+from tunnel_telemetry.testing.geodb import (
+    synthetic_networks,
+    write_asn_db,
+    write_country_db,
+    write_synthetic_dbs,
+)
+from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.testing.server import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for(predicate, timeout=15.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def post(server, report=None, address=None, timeout=10):
+    headers = {"Connection": "close"}
+    if address:
+        headers["X-Forwarded-For"] = address
+    with requests.post(server.url + "/report", json=report or make_report(), headers=headers,
+                       timeout=timeout) as resp:
+        return resp.status_code, resp.headers, resp.json()
+
+
+def read_db(path):
+    """(uuids of reports, relay rows (uuid, destination), integrity) read-only from the file."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        reports = [row[0] for row in conn.execute("SELECT uuid FROM reports")]
+        relays = [tuple(row) for row in conn.execute("SELECT uuid, destination FROM relays")]
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+    return reports, relays, integrity
+
+
+def assert_retry_later(status, headers, body):
+    assert status == 503, body
+    assert int(headers["Retry-After"]) >= 1
+    assert body == {"ok": False, "msg": "the report could not be stored, retry later",
+                    "errors": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs (root only): a disk that fills up or turns read-only on demand."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "fs"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
+                           str(mount_point)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    try:
+        yield TinyFS(mount_point)
+    finally:
+        for command in (["umount", str(mount_point)], ["umount", "-l", str(mount_point)]):
+            if os.path.ismount(mount_point):
+                subprocess.run(command, capture_output=True)
+        assert not os.path.ismount(mount_point)
+
+
+class TinyFS:
+    def __init__(self, path):
+        self.path = path
+
+    def __truediv__(self, name):
+        return self.path / name
+
+    def remount(self, options):
+        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
+
+
+def relay_args():
+    """Relay to an OONI that is not there, retrying much later: every relay row stays queued."""
+    return ["--ooni-relay", "--ooni-api", f"http://127.0.0.1:{free_port()}",
+            "--relay-retry-min", "1h", "--relay-retry-max", "2h"]
+
+
+def big_report(report_uuid):
+    return make_report(uuid=report_uuid, config={f"k{i}": "v" * 1000 for i in range(40)})
+
+
+def test_full_disk_is_503_and_nothing_is_half_written(tiny_fs, tt_server):
+    db = tiny_fs / "reports.db"
+    server = tt_server("--workers", "2", "--database-url", f"sqlite:///{db}", *relay_args())
+    stored, refused = [], []
+    while len(refused) < 5 and len(stored) < 200:
+        report_uuid = str(uuid.uuid4())
+        status, headers, body = post(server, big_report(report_uuid))
+        if status == 201:
+            stored.append(report_uuid)
+        else:
+            assert_retry_later(status, headers, body)
+            refused.append(report_uuid)
+    assert stored and len(refused) == 5, "the disk never filled"
+    with requests.get(server.url + "/healthz", timeout=10) as resp:
+        assert resp.headers["Content-Type"] == "application/json"
+
+    tiny_fs.remount("size=32m")  # space again: the refused reports are retried and stored
+    for report_uuid in refused:
+        status, _, body = post(server, big_report(report_uuid))
+        assert status == 201, body
+    server.stop()
+    reports, relays, integrity = read_db(db)
+    assert integrity == "ok"
+    assert sorted(reports) == sorted(stored + refused), "every 201 once, no refused leftovers"
+    assert sorted(relays) == sorted((u, "ooni") for u in stored + refused)
+    assert "Traceback" not in server.logs()
+    assert "store error: OperationalError disk_full" in server.logs()
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """chattr +i / -i: writes through open descriptors fail with EIO/EPERM, even as root."""
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable attribute")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    marked = set()
+
+    def set_(paths, on):
+        for path in paths:
+            subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+            (marked.add if on else marked.discard)(path)
+
+    yield set_
+    set_(list(marked), False)
+
+
+def test_store_io_errors_are_503_until_it_recovers(tmp_path, tt_server, immutable):
+    db = tmp_path / "reports.db"
+    server = tt_server("--workers", "1", "--database-url", f"sqlite:///{db}", *relay_args())
+    first = str(uuid.uuid4())
+    assert post(server, make_report(uuid=first))[0] == 201
+    immutable([db, tmp_path / "reports.db-wal"], True)
+    refused = str(uuid.uuid4())
+    try:
+        for _ in range(3):
+            assert_retry_later(*post(server, make_report(uuid=refused)))
+    finally:
+        immutable([db, tmp_path / "reports.db-wal"], False)
+    assert wait_for(lambda: post(server, make_report(uuid=refused))[0] == 201)
+    server.stop()
+    reports, relays, integrity = read_db(db)
+    assert integrity == "ok" and sorted(reports) == sorted([first, refused])
+    assert sorted(relays) == sorted([(first, "ooni"), (refused, "ooni")])
+    assert "store error: OperationalError io_error" in server.logs()
+
+
+def test_deleted_database_is_503_not_acknowledged_into_the_void(tmp_path, tt_server):
+    db = tmp_path / "reports.db"
+    server = tt_server("--workers", "2", "--database-url", f"sqlite:///{db}")
+    assert post(server)[0] == 201
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"reports.db{suffix}").unlink()
+    for _ in range(6):  # whichever worker and thread answers
+        assert_retry_later(*post(server))
+    with requests.get(server.url + "/healthz", timeout=10) as resp:
+        assert resp.status_code == 503 and resp.json()["store"]["ok"] is False
+    assert not db.exists()
+    assert "store error: OperationalError gone" in server.logs()
+
+
+def test_locked_store_is_503_within_its_timeout(tmp_path, tt_server):
+    db = tmp_path / "reports.db"
+    server = tt_server("--workers", "1", "--database-url", f"sqlite:///{db}?timeout=0.5")
+    assert post(server)[0] == 201
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+    try:
+        locked = str(uuid.uuid4())
+        assert_retry_later(*post(server, make_report(uuid=locked)))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert post(server, make_report(uuid=locked))[0] == 201
+    server.stop()
+    reports, _, integrity = read_db(db)
+    assert integrity == "ok" and len(reports) == 2 and locked in reports
+    assert "store error: OperationalError locked" in server.logs()
+
+
+# ---------------------------------------------------------------------------------------------
+# Geo databases
+
+
+def geo_args(country, asn, workers="2"):
+    return ["--workers", workers, "--proxy-hops", "1", "--geoip-country-db", str(country),
+            "--geoip-asn-db", str(asn)]
+
+
+def test_geo_db_rewritten_in_place_does_not_crash_workers(tmp_path, tt_server):
+    """cp over a mapped database, or a truncation, used to kill workers with SIGBUS."""
+    country, asn = write_synthetic_dbs(tmp_path / "geo", n_networks=5000, seed=7)
+    networks = [(net, cc, number) for net, cc, number in synthetic_networks(5000, 7)
+                if ":" not in net][::20]
+    server = tt_server(*geo_args(country, asn, workers="1"))
+    workers = server.worker_pids()
+
+    def check_all():
+        for net, cc, number in networks:
+            address = str(ipaddress.ip_network(net)[1])
+            endpoint = f"ss://{ipaddress.ip_network(net)[-2]}:443"
+            status, _, body = post(server, make_report(endpoint=endpoint), address)
+            assert status == 201, body
+            assert (body["client_asn"], body["client_cc"]) == (f"AS{number}", cc)
+            assert (body["endpoint_asn"], body["endpoint_cc"]) == (f"AS{number}", cc)
+
+    check_all()
+    for path in (country, asn):
+        with open(path, "r+b") as fh:
+            fh.truncate(100)
+    check_all()  # answers from the databases as they were opened
+    assert server.worker_pids() == workers, "no worker died"
+    assert "Traceback" not in server.logs()
+
+
+def test_geo_dbs_reload_on_sighup_without_a_restart(tmp_path, tt_server):
+    country, asn = tmp_path / "country.mmdb", tmp_path / "asn.mmdb"
+    write_country_db(country, {"1.1.1.0/24": "AU"})
+    write_asn_db(asn, {"1.1.1.0/24": (13335, "CLOUDFLARENET")})
+    server = tt_server(*geo_args(country, asn))
+    master = server.proc.pid
+
+    def answer():
+        status, _, body = post(server, address="1.1.1.7")
+        assert status == 201, body
+        return body["client_asn"], body["client_cc"]
+
+    def hup_until(expected):
+        os.kill(master, signal.SIGHUP)
+        assert wait_for(lambda: answer() == expected), (answer(), server.logs()[-2000:])
+        assert [answer() for _ in range(10)] == [expected] * 10, "every worker has it"
+
+    assert answer() == ("AS13335", "AU")
+    # An update written next to the file and renamed over it: live after SIGHUP only.
+    write_country_db(tmp_path / "new.mmdb", {"1.1.1.0/24": "NZ"})
+    os.replace(tmp_path / "new.mmdb", country)
+    assert answer() == ("AS13335", "AU")
+    hup_until(("AS13335", "NZ"))
+    # An update copied over the file in place (cp).
+    write_country_db(tmp_path / "new.mmdb", {"1.1.1.0/24": "US"})
+    write_asn_db(tmp_path / "new-asn.mmdb", {"1.1.1.0/24": (64500, "EXAMPLE")})
+    country.write_bytes((tmp_path / "new.mmdb").read_bytes())
+    asn.write_bytes((tmp_path / "new-asn.mmdb").read_bytes())
+    hup_until(("AS64500", "US"))
+
+    # Broken updates keep the databases in use: a half-copied file, then no file at all.
+    good = country.read_bytes()
+    country.write_bytes(good[: len(good) // 2])
+    os.kill(master, signal.SIGHUP)
+    assert wait_for(lambda: "geo_reload_failed geo_db_invalid" in server.logs())
+    country.unlink()
+    os.kill(master, signal.SIGHUP)
+    assert wait_for(lambda: "geo_reload_failed geo_db_missing" in server.logs())
+    assert [answer() for _ in range(10)] == [("AS64500", "US")] * 10
+
+    assert server.proc.pid == master and server.proc.poll() is None, "never restarted"
+    with requests.get(server.url + "/healthz", timeout=10) as resp:
+        roles = [db["role"] for db in resp.json()["geo"]]
+    assert roles == ["country", "asn"]
+    assert "Traceback" not in server.logs()
+    assert json.dumps(answer())  # still serving
