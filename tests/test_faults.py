@@ -8,12 +8,16 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
+from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.geodb import (
     synthetic_networks,
     write_asn_db,
@@ -293,3 +297,118 @@ def test_geo_dbs_reload_on_sighup_without_a_restart(tmp_path, tt_server):
     assert roles == ["country", "asn"]
     assert "Traceback" not in server.logs()
     assert json.dumps(answer())  # still serving
+
+
+# ---------------------------------------------------------------------------------------------
+# OONI down, slow, answering garbage, then back
+
+
+class Garbage(ThreadingHTTPServer):
+    """Something else on OONI's address: 200 with an HTML page for every request."""
+
+    daemon_threads = True
+
+    def __init__(self, port):
+        outer = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                outer.requests += 1
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b"<html><body>captive portal</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+        self.thread.join()
+
+
+def backlog(server):
+    with requests.get(server.url + "/healthz", timeout=5) as resp:
+        return resp.json()["relay"]["backlog"]
+
+
+IT = {"client_asn": "AS30722", "client_cc": "IT"}  # OONI drops AS0 / ZZ: give a location
+
+
+def test_ooni_down_slow_and_garbage_then_back_drains_oldest_first_without_duplicates(
+        tt_server):
+    port = free_port()
+    fakes = [FakeOONI(port=port).start()]
+    server = tt_server("--workers", "1", "--ooni-relay", "--ooni-api", f"http://127.0.0.1:{port}",
+                       "--relay-timeout", "200ms", "--relay-attempt-timeout", "2s",
+                       "--relay-interval", "100ms", "--relay-retry-min", "100ms",
+                       "--relay-retry-max", "500ms")
+    posted = []
+
+    def post_some(n, expect):
+        for _ in range(n):
+            status, _, body = post(server, make_report(**IT))
+            assert status == 201, body
+            assert expect(body), body
+            posted.append(body["uuid"])
+
+    def pending(body):
+        return body["relay"]["ooni"] == "pending"
+
+    def delivered(body):
+        return "ooni-measurement-id" in body
+
+    garbage = None
+    try:
+        post_some(2, delivered)
+        fakes[-1].stop()  # down: connection refused
+        post_some(4, pending)
+        time.sleep(0.5)
+        fakes.append(FakeOONI(port=port, latency=0.6).start())  # slow, but answers in time
+        post_some(2, pending)
+        for fault in (503, "reset"):  # errors, then connections reset
+            faults = fakes[-1].stats()["faults"]
+            fakes[-1].fail(fault)
+            post_some(3, pending)
+            assert wait_for(lambda f=faults: fakes[-1].stats()["faults"] > f)
+            fakes[-1].clear_faults()
+        fakes[-1].stop()
+        garbage = Garbage(port)  # 200 with a web page
+        post_some(4, pending)
+        time.sleep(1.5)  # a while of garbage for the retry loop too
+        garbage.stop()
+        # Garbage is a destination failure: probed with backoff, not every report in turn.
+        assert 0 < garbage.requests <= 20, garbage.requests
+        garbage = None
+        before = sum((f.uuids() for f in fakes), Counter())
+        fakes.append(FakeOONI(port=port).start())  # back
+        wait_for(lambda: sum((f.uuids() for f in fakes), Counter()).keys() >= set(posted),
+                 timeout=30)
+        assert wait_for(lambda: backlog(server) == {}, timeout=10)
+        delivered_all = sum((f.uuids() for f in fakes), Counter())
+        assert set(delivered_all) == set(posted)
+        assert max(delivered_all.values()) == 1, "no duplicates"
+        # The backlog went out oldest first once OONI was back.
+        drained = [m.uuid for m in fakes[-1].measurements]
+        order = [posted.index(u) for u in drained]
+        assert order == sorted(order), order
+        assert set(drained) == set(posted) - set(before)
+        assert len(drained) >= 14
+    finally:
+        if garbage is not None:
+            garbage.stop()
+        for fake in fakes:
+            fake.stop()
+    logs = server.logs()
+    for reason in ("connection-error", "http-503", "bad-answer"):
+        assert reason in logs, reason

@@ -1,6 +1,7 @@
 """Relay step through the Flask app: OONI relay, retries, /relay, collector relay, CLI."""
 
 import json
+import sqlite3
 import threading
 import time
 import uuid as uuidlib
@@ -656,3 +657,20 @@ def test_relay_once_with_relay_off(runner, tmp_path, backlog):
     assert result.exit_code == 0
     assert "relay is off" in result.output
     assert "ooni: 2 pending, but this destination is no longer configured" in result.output
+
+
+def test_after_an_outage_the_backlog_goes_out_oldest_first(make_app, fake, tmp_path):
+    app = make_app(**{"relay-retry-min": "50ms", "relay-retry-max": "50ms"})
+    fake.fail("reset")
+    bodies = [post(app) for _ in range(4)]
+    # While OONI was down the reports' own backoffs grew unevenly: here the oldest is due last.
+    conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    for age, body in enumerate(bodies):
+        conn.execute("UPDATE relays SET next_attempt = ? WHERE uuid = ?",
+                     (time.time() + 3600 - age, body["uuid"]))
+    conn.close()
+    fake.clear_faults()
+    time.sleep(0.1)  # the destination's own hold (at most 50 ms) is over
+    svc(app).relay.run_once()
+    assert [m.uuid for m in fake.measurements] == [b["uuid"] for b in bodies]
+    assert svc(app).store.backlog() == {}

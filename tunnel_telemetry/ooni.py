@@ -287,9 +287,14 @@ class OONIClient:
             if bad is not None:
                 return _stage(bad, "submit")
             try:
-                uid = resp.json().get("measurement_uid")
-            except (ValueError, AttributeError):
-                uid = None
+                answer = resp.json()
+            except ValueError:
+                answer = None
+        if not isinstance(answer, dict):
+            # Not OONI (a captive portal, a proxy's error page): the destination is in trouble,
+            # not this report, so back off from it instead of trying every report in turn.
+            return Outcome.retry("bad-answer", "submit: the answer is not a JSON object")
+        uid = answer.get("measurement_uid")
         if not isinstance(uid, str) or not uid:
             # OONI answers {} when it dropped the measurement or its pipeline failed.
             return Outcome.retry("no-measurement-uid", "OONI answered without measurement_uid")

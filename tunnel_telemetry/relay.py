@@ -235,6 +235,7 @@ class CollectorSender:
 class _Hold:
     until: float = 0.0
     failures: int = 0
+    probed: bool = False  # the backlog was made due for the probe after this hold
 
 
 @dataclass
@@ -407,6 +408,12 @@ class Relay:
         while not ps.stop.is_set():
             if not ignore_hold and self._held_until(ps, dest) > time.time():
                 break
+            if self._recovering(ps, dest):
+                # The destination failed and its backoff is over: probe with the oldest
+                # report, and once it answers the backlog goes out in order of age. (The
+                # reports' own backoffs grew while the destination was down; they would
+                # otherwise come due in an order that has nothing to do with their age.)
+                self.store.make_due(dest)
             started = time.time()
             claims = self.store.claim(dest, sender.batch_size, ps.owner, self._loop_lease)
             if not claims:
@@ -563,6 +570,17 @@ class Relay:
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
             hold.until = max(hold.until, time.time() + delay)
+            hold.probed = False
+
+    @staticmethod
+    def _recovering(ps: _Process, dest: str) -> bool:
+        """True once per destination failure: its hold is over and nothing was probed yet."""
+        with ps.lock:
+            hold = ps.holds.get(dest)
+            if hold is None or hold.failures == 0 or hold.probed:
+                return False
+            hold.probed = True
+            return True
 
     @staticmethod
     def _clear_hold(ps: _Process, dest: str) -> None:
