@@ -355,3 +355,29 @@ def test_relay_batches_are_not_limited_per_client(limited_app):
         resp = client.post("/relay", json=[], environ_base={"REMOTE_ADDR": "192.0.2.1"},
                            headers={"Authorization": "Bearer t0123456789abcdef"})
         assert resp.status_code != 429, resp.get_json()
+
+
+def _close_in_child(limit, result):
+    limit.close()  # a worker exiting while other threads may still admit requests
+    try:
+        limit.release(limit.admit("192.0.2.1"))
+    except Exception as exc:  # noqa: BLE001
+        result.put(repr(exc))
+    else:
+        result.put("ok")
+
+
+def test_close_in_a_forked_worker_leaves_the_table_usable(limits):
+    limit = limits(max_in_flight=4, rate_limit=60)
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.Queue()
+    child = ctx.Process(target=_close_in_child, args=(limit, result))
+    child.start()
+    try:
+        assert result.get(timeout=10) == "ok"
+    finally:
+        child.join(10)
+        child.close()
+        result.close()
+        result.join_thread()
+    limit.release(limit.admit("192.0.2.1"))

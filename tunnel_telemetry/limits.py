@@ -242,6 +242,7 @@ class Limits:
         self.client_inflight = client_inflight
         self.shm = shm
         self._key = secrets.token_bytes(32)  # in memory only; a restart makes a new one
+        self._pid = os.getpid()
 
     def client_key(self, ip: str | None) -> int:
         """A 64-bit keyed hash of the client address (IPv6: its /64); never 0."""
@@ -288,7 +289,12 @@ class Limits:
             ticket.global_slot = False
 
     def close(self) -> None:
-        if self.shm is not None:
+        """Release the shared memory, in the process that made it only.
+
+        A gunicorn worker closes its services on exit while, past graceful-timeout, request
+        threads may still run: they must not find the table gone (the process exits anyway).
+        """
+        if self.shm is not None and os.getpid() == self._pid:
             self.shm.close()
             self.shm = None
 
