@@ -125,3 +125,68 @@ def test_locked_database_is_503_and_writes_nothing(db_url):
         blocker.close()
     assert store.count() == 0
     store.close()
+
+
+def _queue_behind_blocker(store, db_url, jobs):
+    """Run jobs in threads while another connection holds the write lock, so that they
+    queue up behind the first one; release the lock once all are queued. Returns results."""
+    import threading
+    import time
+
+    blocker = sqlite3.connect(sqlite_path(db_url), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    results = [None] * len(jobs)
+
+    def run(i):
+        try:
+            results[i] = jobs[i]()
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    try:
+        threads[0].start()
+        deadline = time.monotonic() + 5
+        while not store._group.leading and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for thread in threads[1:]:
+            thread.start()
+        while len(store._group.queue) < len(jobs) - 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(store._group.queue) == len(jobs) - 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for thread in threads:
+            thread.join(10)
+    return results
+
+
+def test_concurrent_adds_share_one_commit(store, db_url, monkeypatch):
+    batches = []
+    commit = store._commit_batch
+    monkeypatch.setattr(store, "_commit_batch", lambda batch: (batches.append(len(batch)),
+                                                               commit(batch))[1])
+    same = report()
+    reports = [report() for _ in range(10)] + [same, dict(same, x=1)]
+    results = _queue_behind_blocker(store, db_url,
+                                    [lambda r=r: store.add(r, ["ooni"]) for r in reports])
+    assert batches == [1, len(reports) - 1]  # the leader alone, then everything queued
+    assert [created for _, created in results] == [True] * 11 + [False]
+    assert results[-1][0] == same  # a duplicate in the same batch sees the first one
+    assert store.count() == 11
+    assert store.backlog()["ooni"]["pending"] == 11
+
+
+def test_a_failing_write_does_not_fail_its_batch(store, db_url):
+    def poison(conn):
+        conn.execute("INSERT INTO reports (uuid, received, body) VALUES ('p', 0, '{}')")
+        raise sqlite3.IntegrityError("boom")
+
+    reports = [report() for _ in range(5)]
+    jobs = [lambda r=r: store.add(r, [])[1] for r in reports]
+    jobs.insert(2, lambda: store._grouped(poison))
+    results = _queue_behind_blocker(store, db_url, jobs)
+    assert isinstance(results[2], StoreUnavailable)
+    assert [r for i, r in enumerate(results) if i != 2] == [True] * 5
+    assert store.count() == 5 and store.get("p") is None

@@ -127,7 +127,7 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
     import sqlite3
 
     store = app.extensions["tunnel_telemetry"].store
-    conn = store._conn
+    conn, lock = store._handles()
 
     class FullDisk:
         in_transaction = False
@@ -135,10 +135,10 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
         def execute(self, *args):
             raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(store._local, "conn", FullDisk())
+    monkeypatch.setattr(store._local, "handles", (FullDisk(), lock))
     resp = post(client, make_report())
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]
     assert resp.get_json()["ok"] is False
-    monkeypatch.setattr(store._local, "conn", conn)
+    monkeypatch.setattr(store._local, "handles", (conn, lock))
     assert store.count() == 0

@@ -2,20 +2,28 @@
 
 ``open_store(url)`` picks the backend from the URL scheme. The SQLite backend is the embedded
 default: WAL mode, one connection per process and thread (opened lazily, so it is safe across
-gunicorn's fork), ``synchronous=FULL`` so a 201 means the report is on disk.
+gunicorn's fork), ``synchronous=FULL`` so a 201 means the report is on disk (``NORMAL`` would
+survive a crash of the process but not of the machine: the last commits before a power loss
+would be gone although acknowledged).
+
+Each commit costs an fsync (about 1 ms on a typical disk), so concurrent ``add`` calls of one
+process are group-committed: one thread writes everything queued in one transaction while the
+others wait for that commit, and each caller returns only after the commit holding its report.
+Durability is unchanged (every 201 still follows its own fsynced commit); the fsync is shared.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -24,6 +32,11 @@ from .errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "delivered", "failed", "expired", "skipped")
+_FORK_LOCK = threading.Lock()
+# Writers queue on an flock of this file (beside the database) before taking SQLite's write
+# lock: the kernel wakes the next one at once, where SQLite's busy handler sleeps and polls
+# (1, 2, 5, 10 ... 100 ms), which left the lock idle and made p99 latency hundreds of ms.
+WRITER_LOCK_SUFFIX = "-writer.lock"
 
 
 class StoreError(Exception):
@@ -97,6 +110,59 @@ CREATE INDEX IF NOT EXISTS relays_due ON relays (destination, state, next_attemp
 """
 
 
+@dataclass
+class _Write:
+    """One queued write: ``run(conn)`` inside a group transaction, then its outcome."""
+
+    run: Callable[[sqlite3.Connection], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Leader/follower group commit for one process.
+
+    The first writer to arrive becomes the leader and commits everything queued in one
+    transaction; writers arriving meanwhile queue up, and the first of them leads the next
+    transaction. No thread of its own (nothing to restart after fork), no added delay when
+    idle: a batch is whatever arrived during the previous commit.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: list[_Write] = []
+        self.leading = False
+
+    def submit(self, write: _Write, commit: Callable[[list[_Write]], None]) -> Any:
+        with self.lock:
+            self.queue.append(write)
+            lead = not self.leading
+            self.leading = True
+        if not lead:
+            write.done.wait()
+            lead = write.lead
+        if lead:
+            with self.lock:
+                batch, self.queue = self.queue, []
+            try:
+                commit(batch)
+            finally:
+                with self.lock:
+                    if self.queue:  # hand over: the next leader commits what queued meanwhile
+                        self.queue[0].lead = True
+                        self.queue[0].done.set()
+                    else:
+                        self.leading = False
+                for item in batch:
+                    item.lead = False
+                    item.done.set()
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+
 class SQLiteStore:
     """SQLite backend; one connection per (process, thread)."""
 
@@ -106,6 +172,7 @@ class SQLiteStore:
         self.path = path
         self.busy_timeout = busy_timeout
         self._local = threading.local()
+        self._opened: list[tuple[int, sqlite3.Connection, int]] = []
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -125,18 +192,62 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
 
-    @property
-    def _conn(self) -> sqlite3.Connection:
+    def _handles(self) -> tuple[sqlite3.Connection, int]:
+        """This thread's connection and writer-lock file descriptor (opened on first use)."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.conn = self._connect()
-            local.pid = os.getpid()
-        return local.conn
+            conn = self._connect()
+            lock = os.open(self.path + WRITER_LOCK_SUFFIX,
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            local.handles, local.pid = (conn, lock), os.getpid()
+            with _FORK_LOCK:
+                self._opened.append((os.getpid(), conn, lock))
+        return local.handles
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        return self._handles()[0]
+
+    @property
+    def _group(self) -> _GroupCommit:
+        """This process's group commit (a new one after fork: locks do not survive it)."""
+        group = self.__dict__.get("_group_state")
+        if group is None or group[0] != os.getpid():
+            with _FORK_LOCK:
+                group = self.__dict__.get("_group_state")
+                if group is None or group[0] != os.getpid():
+                    group = (os.getpid(), _GroupCommit())
+                    self.__dict__["_group_state"] = group
+        return group[1]
+
+    def _grouped(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``run(conn)`` in a transaction shared with concurrent writers; its result."""
+        return self._group.submit(_Write(run), self._commit_batch)
+
+    def _commit_batch(self, batch: list[_Write]) -> None:
+        """Commit a batch in one transaction; if it fails, each write alone (one bad write
+        must not fail the others)."""
+        try:
+            with self._tx() as conn:
+                for item in batch:
+                    item.result = item.run(conn)
+            return
+        except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
+            if len(batch) == 1:
+                batch[0].result, batch[0].error = None, exc
+                return
+        for item in batch:
+            try:
+                with self._tx() as conn:
+                    item.result = item.run(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
+                item.result, item.error = None, exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """An immediate (write-locking) transaction; any SQLite error becomes a 503."""
-        conn = self._conn
+        conn, lock = self._handles()
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -150,25 +261,31 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreUnavailable("store_error") from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
     def add(self, report: dict[str, Any], destinations: list[str]) -> tuple[dict[str, Any], bool]:
         """Store a report once by uuid and queue it for each destination, atomically."""
         now = time.time()
-        with self._tx() as conn:
+        uuid, body = report["uuid"], _dumps(report)
+        relays = [(uuid, dest, now, now) for dest in destinations]
+
+        def insert(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             cur = conn.execute(
                 "INSERT INTO reports (uuid, received, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (uuid) DO NOTHING",
-                (report["uuid"], now, _dumps(report)),
+                (uuid, now, body),
             )
             if cur.rowcount == 0:
-                row = conn.execute("SELECT body FROM reports WHERE uuid = ?",
-                                   (report["uuid"],)).fetchone()
+                row = conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
                 return json.loads(row[0]), False
             conn.executemany(
                 "INSERT INTO relays (uuid, destination, created, next_attempt) VALUES (?, ?, ?, ?)",
-                [(report["uuid"], dest, now, now) for dest in destinations],
+                relays,
             )
-        return report, True
+            return report, True
+
+        return self._grouped(insert)
 
     def get(self, uuid: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
@@ -255,10 +372,16 @@ class SQLiteStore:
         return True
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+        """Close every connection this process opened (any thread's); a parent's, inherited
+        through fork, are left alone."""
+        pid = os.getpid()
+        with _FORK_LOCK:
+            mine = [h for h in self._opened if h[0] == pid]
+            self._opened = [h for h in self._opened if h[0] != pid]
+            self._local = threading.local()
+        for _, conn, lock in mine:
             conn.close()
-        self._local = threading.local()
+            os.close(lock)
 
 
 def sqlite_path(url: str) -> str:
