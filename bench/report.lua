@@ -1,11 +1,12 @@
 -- wrk script: POST valid, varied tunnel-telemetry reports to /report.
 --
 --   wrk -t2 -c64 -d20s --latency -s bench/report.lua http://127.0.0.1:PORT/report \
---       -- ADDRESSES_FILE NONCE
+--       -- ADDRESSES_FILE NONCE [CLIENTS_FILE]
 --
--- ADDRESSES_FILE: one IP address per line (IPv4 or IPv6), used for endpoints and for the
--- X-Forwarded-For client address (the server runs with --proxy-hops 1).
+-- ADDRESSES_FILE: one IP address per line (IPv4 or IPv6), used for endpoints.
 -- NONCE: a number that makes this run's report uuids distinct from any other run's.
+-- CLIENTS_FILE: addresses sent as X-Forwarded-For client address (the server runs with
+-- --proxy-hops 1); default ADDRESSES_FILE.
 -- Every report gets a unique uuid (nonce, thread, counter), a time between now and six
 -- days ago, a varied endpoint (protocol, address or host name, port), config and failure.
 -- done() prints one line "BENCH_JSON {...}" with the counts and latency percentiles.
@@ -18,6 +19,7 @@ function setup(thread)
 end
 
 local addresses = {}
+local clients = {}
 local counter = 0
 local nonce = 0
 local protos = {"ss", "vless", "vmess", "trojan", "wireguard", "hysteria2", "obfs4", "https"}
@@ -37,6 +39,10 @@ function init(args)
     if line ~= "" then table.insert(addresses, line) end
   end
   if #addresses == 0 then error("no addresses in " .. path) end
+  for line in io.lines(args[3] or path) do
+    if line ~= "" then table.insert(clients, line) end
+  end
+  if #clients == 0 then error("no client addresses") end
   math.randomseed(nonce + 7919 * (id + 1))
   statuses = {}
 end
@@ -76,7 +82,7 @@ function request()
     math.random(0, 30000), failure)
   local headers = {
     ["Content-Type"] = "application/json",
-    ["X-Forwarded-For"] = pick(addresses),
+    ["X-Forwarded-For"] = pick(clients),
   }
   return wrk.format("POST", nil, headers, body)
 end
