@@ -353,14 +353,15 @@ class SQLiteStore:
         """
         if state not in STATES:
             raise ValueError(f"unknown relay state {state!r}")
-        with self._tx() as conn:
+        result_text = _dumps(result) if result is not None else None
+
+        def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE relays SET state = ?, attempts = attempts + 1, last_error = ?, "
                 "result = COALESCE(?, result), next_attempt = COALESCE(?, next_attempt), "
                 "lease_owner = NULL, lease_until = NULL "
                 "WHERE uuid = ? AND destination = ? AND lease_owner = ? AND state = 'pending'",
-                (state, error, _dumps(result) if result is not None else None, next_attempt,
-                 uuid, destination, owner),
+                (state, error, result_text, next_attempt, uuid, destination, owner),
             )
             if cur.rowcount != 1:
                 return False
@@ -371,19 +372,24 @@ class SQLiteStore:
                 conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (_dumps(body), uuid))
             return True
 
+        return self._grouped(update)  # relay outcomes share commits with reports
+
     def release(self, uuids: list[str], destination: str, owner: str,
                 next_attempt: float | None = None) -> int:
         """Give leased relays back unattempted (attempts unchanged); returns how many."""
         if not uuids:
             return 0
-        with self._tx() as conn:
-            cur = conn.executemany(
+        rows = [(next_attempt, uuid, destination, owner) for uuid in uuids]
+
+        def update(conn: sqlite3.Connection) -> int:
+            return conn.executemany(
                 "UPDATE relays SET lease_owner = NULL, lease_until = NULL, "
                 "next_attempt = COALESCE(?, next_attempt) "
                 "WHERE uuid = ? AND destination = ? AND lease_owner = ? AND state = 'pending'",
-                [(next_attempt, uuid, destination, owner) for uuid in uuids],
-            )
-            return cur.rowcount
+                rows,
+            ).rowcount
+
+        return self._grouped(update)
 
     def make_due(self, destination: str, now: float | None = None) -> int:
         """Make every pending relay to ``destination`` due now, whatever its backoff."""
