@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # benchmark this checkout, installed or not
 
+from tunnel_telemetry.config import OPTION_BY_NAME  # noqa: E402
 from tunnel_telemetry.testing.reports import make_report  # noqa: E402
 from tunnel_telemetry.testing.server import TTServer, free_port  # noqa: E402
 
@@ -681,8 +682,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="gunicorn workers for tt-server and the baseline (default: CPU count)")
-    p.add_argument("--threads", type=int, default=4,
-                   help="threads per worker for tt-server and the baseline (default 4)")
+    threads = OPTION_BY_NAME["threads"].default
+    p.add_argument("--threads", type=int, default=threads,
+                   help=f"threads per worker for tt-server and the baseline (default {threads}, "
+                        "tt-server's)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra tt-server argument (repeatable), e.g. --server-arg=--debug")
     p.add_argument("--ooni-latency-ms", type=float, default=50.0,

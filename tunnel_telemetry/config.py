@@ -173,7 +173,9 @@ OPTIONS: tuple[Option, ...] = (
            "Reject reports whose time is further than this in the future (e.g. 5m)."),
     Option("max-report-size", "int", 64 * 1024, "Largest accepted report body, in bytes."),
     Option("workers", "int", None, "Gunicorn worker processes (default: CPU count)."),
-    Option("threads", "int", 4, "Threads per gunicorn worker (gthread worker class)."),
+    # 32: requests waiting on the store's group commit or on a relay attempt hold a thread
+    # each; more of them make bigger commits and more relay attempts at once (docs/benchmarks.md).
+    Option("threads", "int", 32, "Threads per gunicorn worker (gthread worker class)."),
     Option("debug", "bool", False, "Debug logging."),
 )
 
