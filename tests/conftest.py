@@ -4,6 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from tunnel_telemetry import create_app
+from tunnel_telemetry.testing import postgres
 from tunnel_telemetry.testing.reports import iso, make_report  # noqa: F401
 from tunnel_telemetry.testing.server import TTServer
 
@@ -56,3 +57,9 @@ def tt_server(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+# PostgreSQL: one server per session (a throwaway cluster, or $TT_TEST_DATABASE_URL), one
+# fresh schema per test. Tests using them are skipped only when no PostgreSQL is found.
+postgres_server = pytest.fixture(scope="session")(postgres.postgres_server_fixture)
+pg_url = pytest.fixture(postgres.pg_url_fixture)

@@ -278,7 +278,8 @@ def open_store(url: str) -> Store:
         try:
             from .store_pg import PostgresStore  # noqa: PLC0415 - optional backend
         except ImportError:
-            raise StoreError("database-url: PostgreSQL support is not installed") from None
+            raise StoreError("database-url: PostgreSQL support is not installed: "
+                             "pip install 'tunnel-telemetry[postgres]'") from None
         return PostgresStore(url)
     raise StoreError(f"database-url: unsupported scheme {scheme or '(none)'!r}; "
                      "use sqlite:/// or postgresql://")
