@@ -271,7 +271,10 @@ def sqlite_path(url: str) -> str:
 
 def open_store(url: str) -> Store:
     """Open the backend named by the URL scheme; StoreError with one line when it cannot."""
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise StoreError("database-url: not a valid URL") from None
     if scheme == "sqlite":
         return SQLiteStore(sqlite_path(url))
     if scheme in ("postgres", "postgresql"):

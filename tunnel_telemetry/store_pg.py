@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -115,31 +116,35 @@ def migrate(conn: psycopg.Connection, migrations: tuple[Migration, ...] = MIGRAT
     return before, latest
 
 
+def _secrets(url: str) -> list[str]:
+    """The password(s) in a URL, raw and percent-decoded: in the netloc or as ?password=."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+        found += [value for key, value in parse_qsl(parts.query) if key == "password"]
+    except ValueError:
+        return []
+    return [s for secret in found if secret for s in {secret, unquote(secret)}]
+
+
 def redact_url(url: str) -> str:
     """The URL with its password replaced by ``***`` (for messages)."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)
-        user = netloc[0].split(":", 1)[0]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+        if parts.password is not None:
+            user, host = parts.netloc.rsplit("@", 1)
+            parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+        query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+        return urlunsplit(parts._replace(query=query))
     except ValueError:
         return "(unparsable URL)"
 
 
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
-def _one_line(exc: BaseException, secret: str | None) -> str:
-    """The first non-empty line of an error, with the password removed if it appears."""
+def _one_line(exc: BaseException, secrets: list[str]) -> str:
+    """The first non-empty line of an error, with any password removed."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
-    if secret:
+    for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
@@ -163,14 +168,16 @@ class PostgresStore:
     backend = "postgresql"
 
     def __init__(self, url: str, *, pool_min: int = 1, pool_max: int = 5,
-                 pool_timeout: float = 5.0, connect_timeout: int = 5,
+                 pool_timeout: float = 5.0, reconnect_timeout: float = 10.0,
+                 connect_timeout: int = 5,
                  busy_timeout: float = 10.0, statement_timeout: float = 20.0,
                  migrations: tuple[Migration, ...] = MIGRATIONS) -> None:
         self.url = url
-        self._secret = _password(url)
+        self._secrets = _secrets(url)
         self.pool_min = pool_min
         self.pool_max = pool_max
         self.pool_timeout = pool_timeout
+        self.reconnect_timeout = reconnect_timeout
         self.busy_timeout = busy_timeout
         self.statement_timeout = statement_timeout
         self._lock = threading.Lock()
@@ -180,7 +187,7 @@ class PostgresStore:
             params = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
             raise StoreError(f"database-url: invalid PostgreSQL URL {redact_url(url)}: "
-                             f"{_one_line(exc, self._secret)}") from None
+                             f"{_one_line(exc, self._secrets)}") from None
         self._kwargs: dict[str, Any] = {"application_name": "tt-server"}
         if "connect_timeout" not in params:
             self._kwargs["connect_timeout"] = connect_timeout
@@ -189,7 +196,7 @@ class PostgresStore:
                 self.schema_version = migrate(conn, migrations)[1]
         except psycopg.Error as exc:
             raise StoreError(f"database-url: cannot open {redact_url(url)}: "
-                             f"{_one_line(exc, self._secret)}") from None
+                             f"{_one_line(exc, self._secrets)}") from None
 
     # -- connections ---------------------------------------------------------------------
 
@@ -212,7 +219,8 @@ class PostgresStore:
                     self.url, kwargs=self._kwargs, min_size=self.pool_min,
                     max_size=self.pool_max, timeout=self.pool_timeout, open=False,
                     configure=self._configure, check=ConnectionPool.check_connection,
-                    name=f"tt-store-{pid}", num_workers=2,
+                    reconnect_timeout=self.reconnect_timeout, name=f"tt-store-{pid}",
+                    num_workers=2,
                 )
                 self._pool.open(wait=False)
                 self._pid = pid

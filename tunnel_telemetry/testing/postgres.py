@@ -30,6 +30,7 @@ from .server import free_port
 
 ENV_URL = "TT_TEST_DATABASE_URL"
 ENV_BINDIR = "TT_PG_BINDIR"
+ENV_REQUIRE = "TT_REQUIRE_POSTGRES"  # set by CI: a missing PostgreSQL fails instead of skipping
 UNPRIVILEGED_USER = "nobody"
 
 
@@ -123,43 +124,52 @@ class PostgresCluster:
         # Directly under the temp root: pytest's own tmp dirs are 0700 root, out of reach for
         # the unprivileged user; the unix socket path must also stay short (< 108 bytes).
         self.workdir = Path(tempfile.mkdtemp(prefix="tt-pg-"))
+        try:
+            self._initdb()
+            self.start_server(timeout)
+            import psycopg  # noqa: PLC0415 - optional dependency
+
+            with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {self.dbname}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _initdb(self) -> None:
+        assert self.workdir is not None
         self._chown(self.workdir)
         os.chmod(self.workdir, 0o700)
-        data = self.workdir / "data"
         pwfile = self.workdir / "pw"
         pwfile.write_text(self.password + "\n")
         self._chown(pwfile)
         try:
             subprocess.run(
-                [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                [str(self.bindir / "initdb"), "-D", str(self.workdir / "data"), "-U", "postgres",
                  f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
                  "-E", "UTF8", "--locale=C", "--no-sync"],
                 cwd=self.workdir, capture_output=True, text=True, check=True, timeout=120,
                 **self._as_user())
         except subprocess.CalledProcessError as exc:
-            self._remove()
             output = (exc.stderr or exc.stdout).strip()[-2000:]
             raise RuntimeError(f"initdb failed: {output}") from None
-        pwfile.unlink()
+        finally:
+            pwfile.unlink()
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        """Start postgres (again, on the same port after ``stop_server``) and wait for it."""
         for _attempt in range(3):
-            if self._start_server(data, timeout):
-                break
-        else:
-            log = self.log()
-            self.stop()
-            raise RuntimeError(f"postgres did not start: {log[-2000:]}")
-        import psycopg  # noqa: PLC0415 - optional dependency
+            if self._launch(timeout):
+                return
+            self.port = 0  # taken meanwhile by someone else: try another one
+        raise RuntimeError(f"postgres did not start: {self.log()[-2000:]}")
 
-        with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {self.dbname}")
-        return self
-
-    def _start_server(self, data: Path, timeout: float) -> bool:
-        """One try on a free port; False when the port was taken meanwhile."""
+    def _launch(self, timeout: float) -> bool:
+        """One try; False when the port was taken meanwhile."""
         import psycopg  # noqa: PLC0415 - optional dependency
 
         assert self.workdir is not None
-        self.port = free_port()
+        self.port = self.port or free_port()
         settings = {
             "listen_addresses": "127.0.0.1", "port": str(self.port),
             "unix_socket_directories": str(self.workdir), "max_connections": "200",
@@ -167,9 +177,10 @@ class PostgresCluster:
         }
         if self.fast:
             settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
-        cmd = [str(self.bindir / "postgres"), "-D", str(data)]
+        cmd = [str(self.bindir / "postgres"), "-D", str(self.workdir / "data")]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
+        log_start = len(self.log())
         with open(self.workdir / "postgres.log", "ab") as logfile:
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=logfile,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -178,22 +189,23 @@ class PostgresCluster:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.proc = None
-                if "could not bind" in self.log() or "already in use" in self.log():
+                log = self.log()[log_start:]
+                if "could not bind" in log or "already in use" in log:
                     return False
-                raise RuntimeError(f"postgres exited: {self.log()[-2000:]}")
+                raise RuntimeError(f"postgres exited: {log[-2000:]}")
             try:
                 with psycopg.connect(self.url_for("postgres"), connect_timeout=2):
                     return True
             except psycopg.OperationalError:
-                time.sleep(0.1)
+                time.sleep(0.05)
         raise TimeoutError(f"postgres not ready after {timeout} s: {self.log()[-2000:]}")
 
     def log(self) -> str:
         path = self.workdir / "postgres.log" if self.workdir else None
         return path.read_text(errors="replace") if path and path.exists() else ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT), then remove the directory."""
+    def stop_server(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT: clients are disconnected); the data directory stays."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -202,6 +214,10 @@ class PostgresCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the server and remove its directory."""
+        self.stop_server(timeout)
         self._remove()
 
     def _remove(self) -> None:
@@ -231,6 +247,8 @@ def postgres_server_fixture() -> Iterator[str]:
         return
     bindir = find_bindir()
     if bindir is None:
+        if os.environ.get(ENV_REQUIRE):
+            pytest.fail(f"{ENV_REQUIRE} is set but {SKIP_REASON}")
         pytest.skip(SKIP_REASON)
     with PostgresCluster(bindir) as cluster:
         yield cluster.url

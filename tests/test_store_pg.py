@@ -1,0 +1,207 @@
+"""PostgreSQL beyond the shared store contract: start-up errors, the app, restarts, instances.
+
+The contract itself (idempotency, claims, leases, migrations) runs on both backends in
+test_store.py.
+"""
+
+import itertools
+import threading
+import time
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import requests
+
+from tunnel_telemetry import create_app
+from tunnel_telemetry.cli import main
+from tunnel_telemetry.errors import StoreUnavailable
+from tunnel_telemetry.store import StoreError, open_store
+from tunnel_telemetry.store_pg import PostgresStore, redact_url
+from tunnel_telemetry.testing.postgres import PostgresCluster, find_bindir
+from tunnel_telemetry.testing.reports import make_report
+
+SECRET = "s3cret-Pa55word"
+
+
+def with_password(url, password):
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{host}"))
+
+
+@pytest.mark.parametrize("url, message", [
+    (f"postgresql://tt:{SECRET}@127.0.0.1:1/tt", "Connection refused"),
+    (f"postgres://tt:{SECRET}@127.0.0.1:notaport/tt", "invalid integer value"),
+    (f"postgresql://tt@127.0.0.1:1/tt?password={SECRET}&sslmode=bogus", "sslmode"),
+    ("postgresql://tt:s3cret%2Fpw@127.0.0.1:1/tt", "Connection refused"),
+    (f"postgresql://tt:{SECRET}@[::1/tt", "not a valid URL"),
+])
+def test_open_errors_are_one_line_without_the_password(url, message):
+    with pytest.raises(StoreError, match=message) as info:
+        open_store(url)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("database-url: ")
+    assert SECRET not in text and "s3cret" not in text
+
+
+def test_wrong_password_is_one_line_without_it(postgres_server):
+    url = with_password(postgres_server, SECRET)
+    try:
+        psycopg.connect(url).close()
+    except psycopg.OperationalError:
+        pass
+    else:
+        pytest.skip("this server does not check passwords")
+    with pytest.raises(StoreError, match="password authentication failed") as info:
+        open_store(url)
+    assert SECRET not in str(info.value) and "***" in str(info.value)
+
+
+def test_cli_exits_2_without_the_password(runner):
+    result = runner.invoke(main, ["--database-url", f"postgresql://tt:{SECRET}@127.0.0.1:1/tt"])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "cannot open" in result.output
+    assert SECRET not in result.output
+
+
+def test_redact_url():
+    assert redact_url("postgres://u:p%40ss@h:5432/d?password=x&a=1") == \
+        "postgres://u:***@h:5432/d?password=***&a=1"
+    assert redact_url("postgresql://h/d") == "postgresql://h/d"
+
+
+@pytest.fixture
+def pg_client(pg_url):
+    app = create_app({"database-url": pg_url, "collector-id": "pg-test"})
+    yield app.test_client()
+    app.extensions["tunnel_telemetry"].close()
+
+
+def test_app_on_postgres(pg_client, pg_url):
+    uid = str(uuid.uuid4())
+    first = pg_client.post("/report", json=make_report(uuid=uid))
+    assert first.status_code == 201
+    again = pg_client.post("/report", json=make_report(uuid=uid, duration_ms=5))
+    assert again.status_code == 201 and again.get_json() == first.get_json()
+    health = pg_client.get("/healthz").get_json()
+    assert health["store"] == {"backend": "postgresql", "ok": True}
+    assert health["relay"]["backlog"] == {}
+    with psycopg.connect(pg_url) as conn:
+        body = conn.execute("SELECT body FROM reports").fetchall()
+    assert [row[0] for row in body] == [first.get_json()]
+
+
+def test_nul_character_is_400_not_a_retry_loop(pg_client):
+    resp = pg_client.post("/report", json=make_report(config={"prefix": "a\u0000b"}))
+    if resp.status_code == 400 and "nul" not in resp.get_json()["msg"].lower():
+        pytest.skip("rejected earlier, by validation")
+    assert resp.status_code == 400 and resp.get_json()["ok"] is False
+
+
+@pytest.fixture
+def own_cluster():
+    """A private server, for tests that stop it."""
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL binaries not found")
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+def test_database_restart_is_503_then_recovers(own_cluster):
+    store = PostgresStore(own_cluster.url, pool_timeout=0.5)
+    app = create_app({"database-url": own_cluster.url})
+    app.extensions["tunnel_telemetry"].store.pool_timeout = 0.5  # before its pool is opened
+    client = app.test_client()
+    try:
+        assert store.add(make_report(uuid=str(uuid.uuid4())), ["ooni"])[1]
+        assert client.post("/report", json=make_report()).status_code == 201
+        own_cluster.stop_server()
+        with pytest.raises(StoreUnavailable):
+            store.add(make_report(uuid=str(uuid.uuid4())), ["ooni"])
+        assert not store.ping()
+        down = client.post("/report", json=make_report())
+        assert down.status_code == 503 and down.headers["Retry-After"]
+        assert client.get("/healthz").status_code == 503
+        own_cluster.start_server()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                store.add(make_report(uuid=str(uuid.uuid4())), ["ooni"])
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the pool did not reconnect"
+                time.sleep(0.2)
+        assert store.count() == 3
+    finally:
+        store.close()
+        app.extensions["tunnel_telemetry"].close()
+
+
+@pytest.mark.e2e
+def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_server, pg_url):
+    """Two tt-server processes (2 workers each) on one database; one is SIGKILLed under load.
+
+    Clients retry a failed POST on the other instance with the same uuid, as a real client
+    behind a load balancer would; every acknowledged report must be stored exactly once.
+    """
+    env = {"DATABASE_URL": pg_url}
+    servers = [tt_server("--workers", "2", env=env, name=name) for name in ("a", "b")]
+    victim = servers[0]
+    total, kill_after = 400, 120
+    seqs = itertools.count()
+    lock = threading.Lock()
+    sent: dict[str, int] = {}
+    acked: dict[str, str] = {}
+    errors: list[str] = []
+
+    def client(index):
+        with requests.Session() as session:
+            while (seq := next(seqs)) < total:
+                uid = str(uuid.uuid4())
+                report = make_report(uuid=uid, config={"seq": str(seq)})
+                with lock:
+                    sent[uid] = seq
+                for attempt in range(8):
+                    server = servers[(index + attempt) % 2]
+                    try:
+                        resp = session.post(server.url + "/report", json=report, timeout=5)
+                    except requests.RequestException:
+                        continue
+                    if resp.status_code == 201:
+                        with lock:
+                            acked[uid] = server.url
+                        break
+                    if resp.status_code != 503:
+                        errors.append(f"{resp.status_code} {resp.text[:200]}")
+                        break
+                    time.sleep(0.1)
+                else:
+                    errors.append(f"seq {seq} never acknowledged")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < kill_after and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.kill()
+    killed_at = len(acked)
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[:5]
+    assert kill_after <= killed_at < total
+    assert servers[1].proc.poll() is None
+    assert any(url == victim.url for url in acked.values())
+
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute("SELECT uuid, body->'config'->>'seq' FROM reports").fetchall()
+    stored = {uid: int(seq) for uid, seq in rows}
+    assert len(stored) == len(rows)
+    assert set(acked) <= set(stored)  # acknowledged means stored, even by the killed one
+    assert set(stored) <= set(sent)
+    assert all(stored[uid] == sent[uid] for uid in stored)
+    assert len(acked) == total
+    health = requests.get(servers[1].url + "/healthz", timeout=5).json()
+    assert health["store"] == {"backend": "postgresql", "ok": True}
