@@ -59,6 +59,19 @@ def tt_server(tmp_path):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def geo_dbs(tmp_path_factory):
+    """(country_db, asn_db): a GeoLite2-layout pair with known networks (see GEO_NETWORKS)."""
+    from tunnel_telemetry.testing.geodb import GEO_NETWORKS, write_asn_db, write_country_db
+
+    folder = tmp_path_factory.mktemp("geo")
+    country = folder / "country.mmdb"
+    asn = folder / "asn.mmdb"
+    write_country_db(country, {net: cc for net, (_, _, cc) in GEO_NETWORKS.items()})
+    write_asn_db(asn, {net: (number, org) for net, (number, org, _) in GEO_NETWORKS.items()})
+    return country, asn
+
+
 # PostgreSQL: one server per session (a throwaway cluster, or $TT_TEST_DATABASE_URL), one
 # fresh schema per test. Tests using them are skipped only when no PostgreSQL is found.
 postgres_server = pytest.fixture(scope="session")(postgres.postgres_server_fixture)

@@ -1,0 +1,1 @@
+"""Importable helpers for tests and benchmarks."""

@@ -26,13 +26,14 @@ class TTServer:
 
     def __init__(self, workdir: str | os.PathLike, args: list[str] | None = None,
                  env: dict[str, str] | None = None, port: int | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, cwd: str | os.PathLike | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args or [])
         self.command = command
+        self.cwd = Path(cwd) if cwd else self.workdir
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("CONFIG", None)
         self.proc: subprocess.Popen | None = None
@@ -44,7 +45,7 @@ class TTServer:
         cmd = self.command or [sys.executable, "-m", "tunnel_telemetry.cli",
                                "--listen", f"127.0.0.1:{self.port}", *self.args]
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out,
+            self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=out,
                                          stderr=err, start_new_session=True)
         self.wait_ready(timeout)
         return self
