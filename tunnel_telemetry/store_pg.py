@@ -48,7 +48,8 @@ class Migration:
     sql: str
 
 
-# Append new steps at the end; never edit a step that has been released.
+# Append new steps at the end; never edit a step that has been released. Each step runs inside
+# the migration transaction, so it cannot use statements such as CREATE INDEX CONCURRENTLY.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "reports and relay queue", """
 CREATE TABLE reports (

@@ -114,6 +114,14 @@ class PostgresCluster:
         entry = pwd.getpwnam(self.user)
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
+    def _temp_root(self) -> str:
+        """The temp dir, unless the unprivileged user cannot reach it (then /tmp)."""
+        root = Path(tempfile.gettempdir()).resolve()
+        if self.user is None:
+            return str(root)
+        reachable = all(p.stat().st_mode & 0o001 for p in (root, *root.parents))
+        return str(root) if reachable else "/tmp"  # noqa: S108 - world-traversable by design
+
     def _chown(self, path: Path) -> None:
         if self.user is not None:
             entry = pwd.getpwnam(self.user)
@@ -123,7 +131,7 @@ class PostgresCluster:
         """initdb and start the server, then create the database; returns self."""
         # Directly under the temp root: pytest's own tmp dirs are 0700 root, out of reach for
         # the unprivileged user; the unix socket path must also stay short (< 108 bytes).
-        self.workdir = Path(tempfile.mkdtemp(prefix="tt-pg-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="tt-pg-", dir=self._temp_root()))
         try:
             self._initdb()
             self.start_server(timeout)
