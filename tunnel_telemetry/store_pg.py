@@ -249,9 +249,16 @@ class PostgresStore:
 
     # -- Store methods -------------------------------------------------------------------
 
-    def add(self, report: dict[str, Any], destinations: list[str]) -> tuple[dict[str, Any], bool]:
-        """Store a report once by uuid and queue it for each destination, atomically."""
+    def add(self, report: dict[str, Any], destinations: list[str], *,
+            lease_owner: str | None = None,
+            lease_seconds: float = 0.0) -> tuple[dict[str, Any], bool]:
+        """Store a report once by uuid and queue it for each destination, atomically.
+
+        With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
+        the caller can attempt them at once without another process claiming them too.
+        """
         now = time.time()
+        lease_until = now + lease_seconds if lease_owner else None
         with self._tx() as conn:
             row = conn.execute(
                 "INSERT INTO reports (uuid, received, body) VALUES (%s, %s, %s) "
@@ -263,12 +270,11 @@ class PostgresStore:
                                       (report["uuid"],)).fetchone()
                 return stored[0], False
             if destinations:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO relays (uuid, destination, created, next_attempt) "
-                        "VALUES (%s, %s, %s, %s)",
-                        [(report["uuid"], dest, now, now) for dest in destinations],
-                    )
+                conn.execute(
+                    "INSERT INTO relays (uuid, destination, created, next_attempt, lease_owner, "
+                    "lease_until) SELECT %s, d, %s, %s, %s, %s FROM unnest(%s::text[]) AS d",
+                    (report["uuid"], now, now, lease_owner, lease_until, list(destinations)),
+                )
         return report, True
 
     def get(self, uuid: str) -> dict[str, Any] | None:
@@ -312,8 +318,13 @@ class PostgresStore:
 
     def finish(self, uuid: str, destination: str, owner: str, state: str, *,
                result: dict[str, Any] | None = None, error: str | None = None,
-               next_attempt: float | None = None) -> bool:
-        """Record the outcome of a leased relay; False when the lease was lost."""
+               next_attempt: float | None = None,
+               report_fields: dict[str, Any] | None = None) -> bool:
+        """Record the outcome of a leased relay; False when the lease was lost.
+
+        ``report_fields`` are merged into the stored report in the same transaction (e.g. the
+        OONI measurement id), and only when the lease was still held.
+        """
         if state not in STATES:
             raise ValueError(f"unknown relay state {state!r}")
         with self._tx() as conn:
@@ -325,7 +336,50 @@ class PostgresStore:
                 (state, error, _jsonb(result) if result is not None else None, next_attempt,
                  uuid, destination, owner),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if report_fields:
+                conn.execute("UPDATE reports SET body = body || %s WHERE uuid = %s",
+                             (_jsonb(report_fields), uuid))
+            return True
+
+    def release(self, uuids: list[str], destination: str, owner: str,
+                next_attempt: float | None = None) -> int:
+        """Give leased relays back unattempted (attempts unchanged); returns how many."""
+        if not uuids:
+            return 0
+        with self._tx() as conn:
+            return conn.execute(
+                "UPDATE relays SET lease_owner = NULL, lease_until = NULL, "
+                "next_attempt = COALESCE(%s, next_attempt) "
+                "WHERE uuid = ANY(%s) AND destination = %s AND lease_owner = %s "
+                "AND state = 'pending'",
+                (next_attempt, list(uuids), destination, owner),
+            ).rowcount
+
+    def make_due(self, destination: str, now: float | None = None) -> int:
+        """Make every pending relay to ``destination`` due now, whatever its backoff."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            return conn.execute(
+                "UPDATE relays SET next_attempt = %s "
+                "WHERE destination = %s AND state = 'pending' AND next_attempt > %s",
+                (now, destination, now),
+            ).rowcount
+
+    def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),
+                now: float | None = None) -> int:
+        """Put finished relays (by default the permanently failed ones) back in the queue."""
+        bad = [s for s in states if s not in STATES or s == "pending"]
+        if bad:
+            raise ValueError(f"cannot requeue relay states {bad}")
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            return conn.execute(
+                "UPDATE relays SET state = 'pending', next_attempt = %s, lease_owner = NULL, "
+                "lease_until = NULL WHERE destination = %s AND state = ANY(%s)",
+                (now, destination, list(states)),
+            ).rowcount
 
     def relay_state(self, uuid: str) -> dict[str, dict[str, Any]]:
         rows = self._read(
