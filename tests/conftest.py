@@ -1,3 +1,4 @@
+import os
 import uuid
 
 import pytest
@@ -10,7 +11,10 @@ from tunnel_telemetry.testing.server import TTServer
 
 
 @pytest.fixture
-def db_url(tmp_path):
+def db_url(tmp_path, request):
+    """The app's database: SQLite, or PostgreSQL for the whole suite with TT_TEST_BACKEND."""
+    if os.environ.get("TT_TEST_BACKEND") == "postgres":
+        return request.getfixturevalue("pg_url")
     return f"sqlite:///{tmp_path}/reports.db"
 
 
