@@ -138,17 +138,13 @@ def test_database_restart_is_503_then_recovers(own_cluster):
         app.extensions["tunnel_telemetry"].close()
 
 
-@pytest.mark.e2e
-def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_server, pg_url):
-    """Two tt-server processes (2 workers each) on one database; one is SIGKILLed under load.
+def drive_load_and_kill(servers, victim, total=400, kill_after=120, threads=8):
+    """POST ``total`` reports from ``threads`` clients spread over ``servers``; SIGKILL
+    ``victim`` once ``kill_after`` are acknowledged. A client retries a failed POST on another
+    instance with the same uuid, as a real client behind a load balancer would.
 
-    Clients retry a failed POST on the other instance with the same uuid, as a real client
-    behind a load balancer would; every acknowledged report must be stored exactly once.
+    Returns (sent: uuid -> seq, acked: uuid -> server url, killed_at: acked count at the kill).
     """
-    env = {"DATABASE_URL": pg_url}
-    servers = [tt_server("--workers", "2", env=env, name=name) for name in ("a", "b")]
-    victim = servers[0]
-    total, kill_after = 400, 120
     seqs = itertools.count()
     lock = threading.Lock()
     sent: dict[str, int] = {}
@@ -163,9 +159,9 @@ def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_serve
                 with lock:
                     sent[uid] = seq
                 for attempt in range(8):
-                    server = servers[(index + attempt) % 2]
+                    server = servers[(index + attempt) % len(servers)]
                     try:
-                        resp = session.post(server.url + "/report", json=report, timeout=5)
+                        resp = session.post(server.url + "/report", json=report, timeout=10)
                     except requests.RequestException:
                         continue
                     if resp.status_code == 201:
@@ -179,28 +175,43 @@ def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_serve
                 else:
                     errors.append(f"seq {seq} never acknowledged")
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
     deadline = time.monotonic() + 60
     while len(acked) < kill_after and time.monotonic() < deadline:
         time.sleep(0.01)
     victim.kill()
     killed_at = len(acked)
-    for thread in threads:
-        thread.join(120)
+    for worker in workers:
+        worker.join(120)
     assert not errors, errors[:5]
-    assert kill_after <= killed_at < total
-    assert servers[1].proc.poll() is None
+    assert kill_after <= killed_at < total, "the kill did not happen mid-way"
     assert any(url == victim.url for url in acked.values())
+    assert len(acked) == total  # the other instance took every report the victim could not
+    return sent, acked, killed_at
 
-    with psycopg.connect(pg_url) as conn:
+
+def stored_reports(url):
+    """uuid -> seq of every stored report."""
+    with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT uuid, body->'config'->>'seq' FROM reports").fetchall()
     stored = {uid: int(seq) for uid, seq in rows}
     assert len(stored) == len(rows)
+    return stored
+
+
+@pytest.mark.e2e
+def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_server, pg_url):
+    """Two tt-server processes (2 workers each) on one database; one is SIGKILLed under load:
+    every acknowledged report is stored, once."""
+    env = {"DATABASE_URL": pg_url}
+    servers = [tt_server("--workers", "2", env=env, name=name) for name in ("a", "b")]
+    sent, acked, _ = drive_load_and_kill(servers, victim=servers[0])
+    assert servers[1].proc.poll() is None
+    stored = stored_reports(pg_url)
     assert set(acked) <= set(stored)  # acknowledged means stored, even by the killed one
     assert set(stored) <= set(sent)
     assert all(stored[uid] == sent[uid] for uid in stored)
-    assert len(acked) == total
     health = requests.get(servers[1].url + "/healthz", timeout=5).json()
     assert health["store"] == {"backend": "postgresql", "ok": True}
