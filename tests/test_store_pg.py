@@ -138,7 +138,7 @@ def test_database_restart_is_503_then_recovers(own_cluster):
         app.extensions["tunnel_telemetry"].close()
 
 
-def drive_load_and_kill(servers, victim, total=400, kill_after=120, threads=8):
+def drive_load_and_kill(servers, victim, total=400, kill_after=120, threads=8, **fields):
     """POST ``total`` reports from ``threads`` clients spread over ``servers``; SIGKILL
     ``victim`` once ``kill_after`` are acknowledged. A client retries a failed POST on another
     instance with the same uuid, as a real client behind a load balancer would.
@@ -155,7 +155,7 @@ def drive_load_and_kill(servers, victim, total=400, kill_after=120, threads=8):
         with requests.Session() as session:
             while (seq := next(seqs)) < total:
                 uid = str(uuid.uuid4())
-                report = make_report(uuid=uid, config={"seq": str(seq)})
+                report = make_report(uuid=uid, config={"seq": str(seq)}, **fields)
                 with lock:
                     sent[uid] = seq
                 for attempt in range(8):
@@ -215,3 +215,51 @@ def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_serve
     assert all(stored[uid] == sent[uid] for uid in stored)
     health = requests.get(servers[1].url + "/healthz", timeout=5).json()
     assert health["store"] == {"backend": "postgresql", "ok": True}
+
+
+@pytest.mark.e2e
+def test_two_instances_one_killed_every_acknowledged_report_relayed(tt_server, pg_url):
+    """The same with relaying to (fake) OONI: each report reaches OONI; a report reaches it
+    twice only if the killed instance held its relay at the kill (interrupted mid-relay).
+
+    Leases last at least a minute; instead of waiting, the test moves the killed instance's
+    leases into the past, as the clock would (lease expiry itself is tested in test_store.py).
+    """
+    from tunnel_telemetry.testing.fake_ooni import FakeOONI
+
+    with FakeOONI(latency=0.005) as fake:
+        fake.fail(503, probability=0.2)  # some relays go to the retry loop
+        args = ["--workers", "2", "--ooni-relay", "--ooni-api", fake.url,
+                "--relay-interval", "100ms", "--relay-retry-min", "100ms",
+                "--relay-retry-max", "300ms"]
+        env = {"DATABASE_URL": pg_url}
+        servers = [tt_server(*args, env=env, name=name) for name in ("a", "b")]
+        victim, survivor = servers
+        victim_pids = {victim.proc.pid, *victim.worker_pids()}
+        sent, acked, _ = drive_load_and_kill(servers, victim, total=300, kill_after=100,
+                                             client_asn="AS30722", client_cc="IT")
+
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            leased = conn.execute("SELECT uuid, lease_owner FROM relays "
+                                  "WHERE state = 'pending' AND lease_owner IS NOT NULL").fetchall()
+            interrupted = {uid for uid, owner in leased
+                           if int(owner.split(":")[-2]) in victim_pids}
+            conn.execute("UPDATE relays SET lease_until = 0 WHERE uuid = ANY(%s)",
+                         (list(interrupted),))
+        stored = stored_reports(pg_url)
+        assert set(acked) <= set(stored) <= set(sent)
+
+        fake.clear_faults()
+        deadline = time.monotonic() + 60
+        while set(fake.uuids()) != set(stored) or backlog(survivor):
+            assert time.monotonic() < deadline, (len(fake.uuids()), len(stored))
+            time.sleep(0.1)
+        duplicates = {uid for uid, n in fake.uuids().items() if n > 1}
+        assert duplicates <= interrupted
+        with psycopg.connect(pg_url) as conn:
+            states = conn.execute("SELECT state, count(*) FROM relays GROUP BY 1").fetchall()
+        assert states == [("delivered", len(stored))]
+
+
+def backlog(server):
+    return requests.get(server.url + "/healthz", timeout=5).json()["relay"]["backlog"]
