@@ -5,6 +5,9 @@ test_store.py.
 """
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +22,7 @@ from tunnel_telemetry.cli import main
 from tunnel_telemetry.errors import StoreUnavailable
 from tunnel_telemetry.store import StoreError, open_store
 from tunnel_telemetry.store_pg import PostgresStore, redact_url
+from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.postgres import PostgresCluster, find_bindir
 from tunnel_telemetry.testing.reports import make_report
 
@@ -201,6 +205,10 @@ def stored_reports(url):
     return stored
 
 
+def backlog(server):
+    return requests.get(server.url + "/healthz", timeout=5).json()["relay"]["backlog"]
+
+
 @pytest.mark.e2e
 def test_two_instances_one_killed_every_acknowledged_report_stored_once(tt_server, pg_url):
     """Two tt-server processes (2 workers each) on one database; one is SIGKILLed under load:
@@ -225,8 +233,6 @@ def test_two_instances_one_killed_every_acknowledged_report_relayed(tt_server, p
     Leases last at least a minute; instead of waiting, the test moves the killed instance's
     leases into the past, as the clock would (lease expiry itself is tested in test_store.py).
     """
-    from tunnel_telemetry.testing.fake_ooni import FakeOONI
-
     with FakeOONI(latency=0.005) as fake:
         fake.fail(503, probability=0.2)  # some relays go to the retry loop
         args = ["--workers", "2", "--ooni-relay", "--ooni-api", fake.url,
@@ -261,5 +267,30 @@ def test_two_instances_one_killed_every_acknowledged_report_relayed(tt_server, p
         assert states == [("delivered", len(stored))]
 
 
-def backlog(server):
-    return requests.get(server.url + "/healthz", timeout=5).json()["relay"]["backlog"]
+@pytest.mark.e2e
+def test_backlog_and_relay_once_on_postgres(tt_server, pg_url):
+    """/healthz shows the backlog from PostgreSQL; `tt-server relay --once` drains it."""
+    with FakeOONI() as fake:
+        fake.fail("reset")
+        server = tt_server("--ooni-relay", "--ooni-api", fake.url, "--relay-retry-min", "1h",
+                           env={"DATABASE_URL": pg_url})
+        for _ in range(3):
+            resp = requests.post(server.url + "/report", timeout=10, json=make_report(
+                client_asn="AS30722", client_cc="IT"))
+            assert resp.status_code == 201
+        ooni = backlog(server)["ooni"]
+        assert ooni["pending"] == 3 and ooni["oldest_age_s"] >= 0
+        server.stop()
+        fake.clear_faults()
+        env = {**os.environ, "DATABASE_URL": pg_url, "OONI_RELAY": "true",
+               "OONI_API": fake.url, "CONFIG": ""}
+        result = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "relay", "--once"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "ooni: 3 delivered; 0 still pending" in result.stdout
+        assert fake.stats()["uuids"] == 3
+    store = open_store(pg_url)
+    try:
+        assert store.backlog() == {}
+    finally:
+        store.close()
