@@ -549,3 +549,18 @@ def test_killed_claimer_is_taken_over_after_its_lease(db_url, store):
     assert [c.uuid for c in store.claim("ooni", 10, "live", 60)] == uids[5:]
     time.sleep(1.1)
     assert [c.uuid for c in store.claim("ooni", 10, "live", 60)] == uids[:5]
+
+
+@SQLITE_ONLY
+def test_claim_walks_the_backlog_in_order_without_sorting_it(store):
+    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(30)]
+    statements = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        claims = store.claim("ooni", 5, "me", 60)
+    finally:
+        store._conn.set_trace_callback(None)
+    assert [c.uuid for c in claims] == uids[:5]  # oldest first
+    [select] = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plan = " ".join(str(row) for row in store._conn.execute("EXPLAIN QUERY PLAN " + select))
+    assert "relays_oldest" in plan and "TEMP B-TREE" not in plan

@@ -117,6 +117,8 @@ CREATE TABLE IF NOT EXISTS relays (
     PRIMARY KEY (uuid, destination)
 );
 CREATE INDEX IF NOT EXISTS relays_due ON relays (destination, state, next_attempt);
+-- claim() walks pending relays oldest first and stops at its LIMIT (no sort of the backlog).
+CREATE INDEX IF NOT EXISTS relays_oldest ON relays (destination, state, created);
 """
 
 
@@ -330,7 +332,9 @@ class SQLiteStore:
             rows = conn.execute(
                 "SELECT r.uuid, p.body, r.attempts, r.created FROM relays r "
                 "JOIN reports p ON p.uuid = r.uuid "
-                "WHERE r.destination = ? AND r.state = 'pending' AND r.next_attempt <= ? "
+                # "+" keeps the planner on relays_oldest: with relays_due it sorted the whole
+                # backlog per claim (100 ms at 100,000 pending, 0.02 ms this way).
+                "WHERE r.destination = ? AND r.state = 'pending' AND +r.next_attempt <= ? "
                 "AND (r.lease_until IS NULL OR r.lease_until < ?) "
                 "ORDER BY r.created LIMIT ?",
                 (destination, due, now, limit),
