@@ -321,16 +321,16 @@ class Bench:
             row["stored"] = stored() - before
         return row
 
-    def baseline(self, connections: int) -> dict[str, Any]:
-        """The echo endpoint under the same load, measured once per run and connection count."""
+    def baseline(self, connections: int, scenario: str) -> dict[str, Any]:
+        """The echo endpoint under the same load, measured once per run and connection count
+        (listed under the first scenario that needs it)."""
         key = f"echo-c{connections}"
         if key not in self.baselines:
             with self.echo_server(key) as server:
                 row = self.run_load(server, connections)
                 row["startup_s"] = round(server.startup_s or 0, 3)
             self.baselines[key] = row
-            self.add("ingest" if connections == self.args.connections else "baseline",
-                     f"baseline: bare Flask echo, {connections} conns", row)
+            self.add(scenario, f"baseline: bare Flask echo, {connections} conns", row)
         return self.baselines[key]
 
     def add(self, scenario: str, variant: str, figures: dict[str, Any] | None,
@@ -439,7 +439,7 @@ def db_counts(db: Path) -> dict[str, int]:
 def scenario_ingest(bench: Bench) -> None:
     """Relay off, SQLite store, 64 connections, against the echo baseline."""
     conns = bench.args.connections
-    base = bench.baseline(conns)
+    base = bench.baseline(conns, "ingest")
     server = bench.tt_server("ingest")
     with server:
         row = bench.run_load(server, stored=lambda: db_counts(server.db)["stored"])
@@ -459,7 +459,7 @@ def scenario_relay(bench: Bench) -> None:
                   note=NA_RELAY)
         return
     conns = bench.args.connections
-    base = bench.baseline(conns)
+    base = bench.baseline(conns, "relay")
     fake = FakeOONIProcess(bench.workdir, bench.args.ooni_latency_ms, bench.env)
     try:
         server = bench.tt_server("relay", extra=["--ooni-relay", "--ooni-api", fake.url])
