@@ -94,11 +94,16 @@ class Server(TTServer):
     """
 
     startup_s: float | None = None
+    workers = 1
 
     def start(self, timeout: float = 30.0) -> Server:
         started = time.monotonic()
         super().start(timeout)
         self.startup_s = time.monotonic() - started
+        # The first worker may answer before the master has forked the others: measure them all.
+        deadline = time.monotonic() + 10
+        while len(self.worker_pids()) < self.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -223,6 +228,7 @@ class Bench:
         db = db or folder / "reports.db"
         server = Server(folder, self.server_args(db, extra), env=self.env, cwd=folder)
         server.db = db
+        server.workers = self.args.workers
         return server
 
     def echo_server(self, name: str) -> Server:
@@ -232,7 +238,9 @@ class Bench:
                f"127.0.0.1:{port}", "--workers", str(self.args.workers),
                "--worker-class", "gthread", "--threads", str(self.args.threads),
                "--keep-alive", "5", "--preload", "echo_app:app"]
-        return Server(folder, env=self.env, port=port, command=cmd, cwd=folder)
+        server = Server(folder, env=self.env, port=port, command=cmd, cwd=folder)
+        server.workers = self.args.workers
+        return server
 
     # measuring
 
