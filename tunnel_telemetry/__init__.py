@@ -1,1 +1,112 @@
+"""Open Tunnel Telemetry collector: validate, geolocate, scrub, store and relay reports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 __version__ = "0.1.0"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything built once per process at start-up and shared by requests."""
+
+    config: Any
+    geo: Any
+    store: Any
+    relay: Any
+    commit: str | None = None
+    started_pid: int | None = None
+
+    def start(self) -> None:
+        """Start background work in this process (after gunicorn's fork); idempotent."""
+        if self.started_pid != os.getpid():
+            self.started_pid = os.getpid()
+            self.relay.start()
+
+    def close(self) -> None:
+        self.relay.close()
+        self.store.close()
+        self.geo.close()
+
+
+def git_commit() -> str | None:
+    """The deployed commit: from the environment (Heroku and others) or the source checkout."""
+    for var in ("TT_GIT_COMMIT", "SOURCE_VERSION", "HEROKU_SLUG_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(var):
+            return os.environ[var][:40]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(here, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def create_app(config: Any = None) -> Any:
+    """Build the Flask app. ``config``: a Config, a mapping of option names, or None (env/file)."""
+    from flask import Flask, jsonify
+    from werkzeug.exceptions import HTTPException
+
+    from .config import Config, load_config
+    from .errors import ReportError
+    from .geo import open_geo
+    from .logs import setup_logging
+    from .proxy import ProxyHeaders
+    from .relay import build_relay
+    from .store import open_store
+    from .views import bp
+
+    if config is None:
+        config = load_config()
+    elif isinstance(config, Mapping):
+        config = Config.from_mapping(config)
+    setup_logging(config.debug)
+
+    geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
+    store = open_store(config.database_url)
+    relay = build_relay(config, store)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_report_size
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit())
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _start_background() -> None:
+        app.extensions["tunnel_telemetry"].start()
+
+    @app.errorhandler(ReportError)
+    def _report_error(exc: ReportError) -> Any:
+        log.info("rejected: %s", exc.code)
+        return jsonify(exc.body()), exc.status, exc.headers
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        code = exc.code or 500
+        reason = {413: "the report is too large"}.get(code, exc.name.lower())
+        response = jsonify({"ok": False, "msg": reason, "errors": []})
+        response.status_code = code
+        if code == 405 and exc.get_response().headers.get("Allow"):
+            response.headers["Allow"] = exc.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.error("internal error: %s", type(exc).__name__)
+        return jsonify({"ok": False, "msg": "internal error, retry later", "errors": []}), 500
+
+    app.wsgi_app = ProxyHeaders(app.wsgi_app, config.proxy_hops, config.proxy_header)
+    return app

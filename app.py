@@ -1,0 +1,3 @@
+from tunnel_telemetry import create_app
+
+app = create_app()

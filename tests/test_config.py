@@ -1,0 +1,109 @@
+import pytest
+
+from tunnel_telemetry.config import OPTIONS, Config, ConfigError, describe, load_config
+
+
+def test_defaults():
+    config = load_config(env={}, path="")
+    assert config.listen == "0.0.0.0:8080"
+    assert config.database_url == "sqlite:///tt-data/reports.db"
+    assert config.proxy_hops == 0 and config.proxy_header == "X-Forwarded-For"
+    assert config.max_report_age == 7 * 86400 and config.max_clock_skew == 300
+    assert config.ooni_relay is False and config.relay_url == ()
+
+
+def test_precedence_flag_env_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("collector-id: from-file\nproxy_hops: 1\nhostname: file.example\n")
+    env = {"COLLECTOR_ID": "from-env", "PROXY_HOPS": "2"}
+    config = load_config(flags={"collector-id": "from-flag"}, env=env, path=str(path))
+    assert config.collector_id == "from-flag"
+    assert config.proxy_hops == 2
+    assert config.hostname == "file.example"
+
+
+def test_seed_readme_env_and_yaml(tmp_path):
+    config = load_config(env={"AUTOTLS": "true", "HOSTNAME": "collector.example.org"}, path="")
+    assert config.autotls and config.hostname == "collector.example.org"
+    assert config.listen == "0.0.0.0:443"
+    path = tmp_path / "config.yaml"
+    path.write_text("autotls: true\nhostname: collector.asdf.network\n")
+    config = load_config(env={}, path=str(path))
+    assert config.autotls and config.hostname == "collector.asdf.network"
+
+
+def test_config_env_var_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("collector-id: abc\n")
+    assert load_config(env={"CONFIG": str(path)}).collector_id == "abc"
+
+
+@pytest.mark.parametrize("env, listen", [
+    ({"PORT": "5000"}, "0.0.0.0:5000"),
+    ({"PORT": "5000", "LISTEN": "127.0.0.1:9000"}, "127.0.0.1:9000"),
+    ({"LISTEN": ":9000"}, "0.0.0.0:9000"),
+    ({"LISTEN": "[::1]:9000"}, "[::1]:9000"),
+])
+def test_listen(env, listen):
+    assert load_config(env=env, path="").listen == listen
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PROXY_HOPS": "two"}, "proxy-hops"),
+    ({"PROXY_HOPS": "-1"}, "proxy-hops"),
+    ({"ALLOW_PUBLIC_ENDPOINT": "maybe"}, "allow-public-endpoint"),
+    ({"MAX_REPORT_AGE": "7 weeks"}, "max-report-age"),
+    ({"LISTEN": "nowhere"}, "listen"),
+    ({"LISTEN": ":70000"}, "listen"),
+    ({"AUTOTLS": "1"}, "hostname"),
+    ({"CERTFILE": "/x.pem"}, "keyfile"),
+    ({"RELAY_URL": "ftp://x"}, "http"),
+    ({"PROXY_HEADER": "X Bad"}, "proxy-header"),
+    ({"COLLECTOR_ID": "has space"}, "collector-id"),
+])
+def test_bad_values(env, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(env=env, path="")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nonsense: 1\n", "unknown option 'nonsense'"),
+    ("- a\n- b\n", "mapping"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_bad_file(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(env={}, path=str(path))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(env={}, path="/nonexistent/config.yaml")
+
+
+def test_lists_from_env_flags_and_yaml(tmp_path):
+    assert load_config(env={"RELAY_URL": "http://a, http://b"}, path="").relay_url == (
+        "http://a", "http://b")
+    assert load_config(flags={"relay-url": ("http://c",)}, env={}).relay_url == ("http://c",)
+    path = tmp_path / "c.yaml"
+    path.write_text("relay-tokens:\n  - t1\n  - t2\n")
+    assert load_config(env={}, path=str(path)).relay_tokens == ("t1", "t2")
+
+
+def test_durations():
+    config = load_config(env={"MAX_REPORT_AGE": "2d", "MAX_CLOCK_SKEW": "90"}, path="")
+    assert config.max_report_age == 172800 and config.max_clock_skew == 90
+
+
+def test_from_mapping_and_describe_masks_secrets():
+    config = Config.from_mapping({"relay-token": "s3cret", "database-url": "sqlite:///x.db"})
+    shown = describe(config)
+    assert shown["relay-token"] == "***"
+    assert "s3cret" not in repr(shown)
+
+
+def test_every_option_has_help():
+    assert all(opt.help for opt in OPTIONS)

@@ -1,0 +1,307 @@
+"""Server configuration: one option table read from flags, environment and a YAML file.
+
+Precedence is flag > environment > file > default (SPEC). Every option is validated at
+start-up so a bad value fails fast with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_FILE = "/etc/tunneltelemetry/config.yaml"
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+
+class ConfigError(Exception):
+    """A bad option; the message is one line naming the option."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_bool(value: Any) -> bool:
+    """Parse true/false/yes/no/on/off/1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def parse_duration(value: Any) -> float:
+    """Parse seconds from a number or a string like 300, 5m, 7d, 250ms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 7d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as 30s, 5m or 7d, got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_int(value: Any) -> int:
+    """Parse a whole number (no booleans, no fractions)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not re.fullmatch(r"-?\d+", text):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(text)
+
+
+def parse_list(value: Any) -> tuple[str, ...]:
+    """Parse a list from a YAML list, a repeated flag or a comma-separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = [str(v) for v in value]
+    else:
+        raise ValueError(f"expected a list, got {value!r}")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def parse_str(value: Any) -> str | None:
+    """Parse an optional string; empty means unset."""
+    if value is None:
+        return None
+    if isinstance(value, dict | list):
+        raise ValueError("expected a string")
+    text = str(value).strip()
+    return text or None
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "str": parse_str,
+    "bool": parse_bool,
+    "int": parse_int,
+    "duration": parse_duration,
+    "list": parse_list,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration option: flag --name, env NAME, YAML key name."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    env: tuple[str, ...] = ()
+    secret: bool = False
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def envvars(self) -> tuple[str, ...]:
+        return (self.name.upper().replace("-", "_"), *self.env)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "str", None,
+           "Address to listen on, HOST:PORT or :PORT (default :8080, :443 with autotls; "
+           "$PORT sets the port when unset)."),
+    Option("collector-id", "str", None, "Identifier added to every report this collector stores."),
+    Option("allow-public-endpoint", "bool", False,
+           "Keep the endpoint address in stored and relayed reports."),
+    Option("geoip-country-db", "str", None,
+           "MaxMind-format country database (GeoLite2, DB-IP Lite or IPinfo Lite)."),
+    Option("geoip-asn-db", "str", None,
+           "MaxMind-format ASN database (GeoLite2, DB-IP Lite or IPinfo Lite)."),
+    Option("proxy-hops", "int", 0,
+           "How many trusted proxies append to the proxy header (0: use the socket peer)."),
+    Option("proxy-header", "str", "X-Forwarded-For",
+           "Header carrying the client address: X-Forwarded-For, Forwarded, X-Real-IP or any "
+           "single-address header such as CF-Connecting-IP."),
+    Option("database-url", "str", "sqlite:///tt-data/reports.db",
+           "Where reports and the relay queue live (sqlite:///relative or sqlite:////absolute).",
+           secret=True),
+    Option("ooni-relay", "bool", False, "Relay reports to OONI's collector."),
+    Option("ooni-api", "str", "https://api.ooni.io", "OONI collector base URL."),
+    Option("relay-url", "list", (), "Base URL of a secondary tunnel-telemetry collector "
+           "(repeatable; comma-separated in the environment)."),
+    Option("relay-token", "str", None, "Bearer token sent with relayed batches.", secret=True),
+    Option("relay-tokens", "list", (),
+           "Tokens accepted on POST /relay (repeatable; none: /relay is closed).", secret=True),
+    Option("autotls", "bool", False, "Obtain and renew TLS certificates automatically (ACME)."),
+    Option("hostname", "str", None, "Host name to get the autotls certificate for."),
+    Option("autotls-cache-dir", "str", "/var/www/.cache",
+           "Directory caching the ACME account key and certificates."),
+    Option("acme-directory", "str", LETS_ENCRYPT,
+           f"ACME directory URL (Let's Encrypt staging: {LETS_ENCRYPT_STAGING})."),
+    Option("certfile", "str", None, "Serve HTTPS with this certificate chain (PEM)."),
+    Option("keyfile", "str", None, "Private key (PEM) for --certfile."),
+    Option("max-report-age", "duration", 7 * 86400.0,
+           "Reject reports whose time is older than this (e.g. 7d)."),
+    Option("max-clock-skew", "duration", 300.0,
+           "Reject reports whose time is further than this in the future (e.g. 5m)."),
+    Option("max-report-size", "int", 64 * 1024, "Largest accepted report body, in bytes."),
+    Option("workers", "int", None, "Gunicorn worker processes (default: CPU count)."),
+    Option("threads", "int", 4, "Threads per gunicorn worker (gthread worker class)."),
+    Option("debug", "bool", False, "Debug logging."),
+)
+
+OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
+OPTION_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
+
+
+def _make_config_class() -> type:
+    fields = [(opt.attr, Any, dataclasses.field(default=opt.default)) for opt in OPTIONS]
+    return dataclasses.make_dataclass("Config", fields, frozen=True, namespace={
+        "from_mapping": classmethod(lambda cls, mapping: load_config(flags=mapping, env={})),
+        "replace": lambda self, **changes: dataclasses.replace(self, **changes),
+        "__doc__": "Validated server configuration; attributes are option names in snake_case.",
+    })
+
+
+Config = _make_config_class()
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML config file; unknown keys are an error."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path}: expected a mapping of option: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("_", "-").lower()
+        if name not in OPTION_BY_NAME:
+            raise ConfigError(f"config: {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for opt in OPTIONS:
+        for var in opt.envvars:
+            if var in env and env[var] != "":
+                out[opt.name] = env[var]
+                break
+    return out
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    path: str | None = None,
+) -> Any:
+    """Build a validated Config from flags > environment > YAML file > defaults.
+
+    ``flags`` maps option names (dashes or underscores) to values given explicitly. ``env``
+    defaults to ``os.environ``; ``path`` to $CONFIG or the default file when it exists.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get("CONFIG") or env.get("TT_CONFIG")
+        if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+            path = DEFAULT_CONFIG_FILE
+    raw: dict[str, Any] = {}
+    if path:
+        raw.update(read_config_file(path))
+    raw.update(_from_env(env))
+    for key, value in (flags or {}).items():
+        name = key.replace("_", "-")
+        if name not in OPTION_BY_NAME:
+            raise ConfigError(f"unknown option {key!r}")
+        if value is not None:
+            raw[name] = value
+
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if opt.name not in raw:
+            continue
+        try:
+            values[opt.attr] = PARSERS[opt.type](raw[opt.name])
+        except ValueError as exc:
+            raise ConfigError(f"{opt.name}: {exc}") from None
+    config = Config(**values)
+    return _check(config, env)
+
+
+def _check(config: Any, env: Mapping[str, str]) -> Any:
+    """Cross-option checks and derived defaults."""
+    if config.proxy_hops < 0 or config.proxy_hops > 16:
+        raise ConfigError("proxy-hops: must be between 0 and 16")
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", config.proxy_header or ""):
+        raise ConfigError("proxy-header: must be an HTTP header name")
+    if config.workers is not None and not 1 <= config.workers <= 256:
+        raise ConfigError("workers: must be between 1 and 256")
+    if not 1 <= config.threads <= 256:
+        raise ConfigError("threads: must be between 1 and 256")
+    if not 1024 <= config.max_report_size <= 16 * 1024 * 1024:
+        raise ConfigError("max-report-size: must be between 1024 and 16777216 bytes")
+    if config.collector_id is not None and not re.fullmatch(r"[\w.:-]{1,128}", config.collector_id):
+        raise ConfigError("collector-id: use 1-128 letters, digits, '.', ':', '_' or '-'")
+    if config.autotls and not config.hostname:
+        raise ConfigError("autotls: --hostname is required with --autotls")
+    if bool(config.certfile) != bool(config.keyfile):
+        raise ConfigError("certfile: --certfile and --keyfile go together")
+    for url in (config.ooni_api, *config.relay_url):
+        if not re.match(r"^https?://[^\s/]+", url):
+            raise ConfigError(f"relay: not an http(s) URL: {url!r}")
+    listen = config.listen
+    if listen is None:
+        if config.autotls:
+            listen = ":443"
+        elif env.get("PORT"):
+            listen = f":{env['PORT']}"
+        else:
+            listen = ":8080"
+    host, port = split_listen(listen)
+    return dataclasses.replace(config, listen=f"{host}:{port}" if ":" not in host
+                               else f"[{host}]:{port}")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split HOST:PORT, :PORT or [V6]:PORT; an empty host means all interfaces."""
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):(\d{1,5})", listen.strip())
+    if not match:
+        raise ConfigError(f"listen: expected HOST:PORT or :PORT, got {listen!r}")
+    host = match.group(1) or match.group(2) or "0.0.0.0"  # noqa: S104 - a server binds all
+    port = int(match.group(3))
+    if not 0 < port < 65536:
+        raise ConfigError(f"listen: port out of range in {listen!r}")
+    return host, port
+
+
+def describe(config: Any) -> dict[str, Any]:
+    """The configuration with secrets masked, for debug logs."""
+    out = {}
+    for opt in OPTIONS:
+        value = getattr(config, opt.attr)
+        out[opt.name] = "***" if opt.secret and value else value
+    return out

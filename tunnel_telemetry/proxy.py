@@ -1,0 +1,81 @@
+"""Proxy middleware: find the client address behind a configured number of trusted proxies.
+
+With ``hops=0`` the socket peer is the client and every forwarding header is ignored. With
+``hops=N`` the N-th address from the right of the header is taken: that is the one the
+outermost trusted proxy appended, and anything to its left was written by the client.
+The result goes to ``environ["tunnel_telemetry.client_ip"]`` (None when unknown); it is used
+for geolocation only and never stored or logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENVIRON_KEY = "tunnel_telemetry.client_ip"
+_FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.IGNORECASE)
+
+
+def parse_address(value: str) -> str | None:
+    """An IP address from a header value: strips ports, brackets and quotes; None if invalid."""
+    text = value.strip().strip('"').strip()
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    text = text.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def forwarded_for(values: Iterable[str]) -> list[str]:
+    """The for= values of RFC 7239 Forwarded headers, in order."""
+    out = []
+    for value in values:
+        for element in value.split(","):
+            match = _FORWARDED_FOR.search(element)
+            out.append(match.group(1) if match else "")
+    return out
+
+
+class ProxyHeaders:
+    """WSGI middleware that resolves the client address from a trusted proxy header."""
+
+    def __init__(self, app: Callable, hops: int = 0, header: str = "X-Forwarded-For") -> None:
+        self.app = app
+        self.hops = hops
+        self.header = header
+        self.environ_name = "HTTP_" + header.upper().replace("-", "_")
+        self.kind = {"x-forwarded-for": "list", "forwarded": "forwarded"}.get(
+            header.lower(), "single")
+
+    def client_ip(self, environ: dict[str, Any]) -> str | None:
+        """The client address for this request, or None when it cannot be trusted."""
+        if self.hops == 0:
+            return parse_address(environ.get("REMOTE_ADDR") or "")
+        raw = environ.get(self.environ_name)
+        if raw is None:
+            log.warning("proxy header missing")
+            return None
+        if self.kind == "single":
+            # Set (not appended) by the nearest trusted proxy.
+            return parse_address(raw.split(",")[-1])
+        entries = forwarded_for([raw]) if self.kind == "forwarded" else raw.split(",")
+        if len(entries) < self.hops:
+            log.warning("proxy header shorter than proxy-hops")
+            return None
+        return parse_address(entries[-self.hops])
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+        environ[ENVIRON_KEY] = self.client_ip(environ)
+        return self.app(environ, start_response)

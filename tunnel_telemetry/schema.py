@@ -1,0 +1,77 @@
+"""The report JSON Schema, loaded and compiled once per process."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+_HERE = Path(__file__).resolve().parent
+_CANDIDATES = (_HERE / "schemas", _HERE.parent / "schemas")
+
+
+def schema_path(name: str = "report.schema.json") -> Path:
+    """Path of a shipped schema: inside the package, else the source checkout's schemas/."""
+    for folder in _CANDIDATES:
+        path = folder / name
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"schema {name} not found in {', '.join(map(str, _CANDIDATES))}")
+
+
+@cache
+def load_schema(name: str = "report.schema.json") -> dict[str, Any]:
+    """The schema document (cached)."""
+    with open(schema_path(name), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@cache
+def validator(name: str = "report.schema.json") -> jsonschema.protocols.Validator:
+    """A compiled validator for the named schema (built once per process)."""
+    document = load_schema(name)
+    cls = jsonschema.validators.validator_for(document)
+    cls.check_schema(document)
+    return cls(document)
+
+
+def schema_errors(instance: Any, name: str = "report.schema.json",
+                  limit: int = 20) -> list[dict[str, str]]:
+    """Schema violations as [{"path": "$.time", "message": ...}], best first, messages short."""
+    errors = sorted(validator(name).iter_errors(instance), key=lambda e: (e.json_path, e.message))
+    out = []
+    for error in errors[:limit]:
+        path = error.json_path
+        if error.validator == "required":
+            name = error.message.split("'")[1] if error.message.count("'") >= 2 else ""
+            path += f".{name}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else f"['{name}']"
+        out.append({"path": path, "message": _short_message(error)})
+    return out
+
+
+def _short_message(error: jsonschema.ValidationError) -> str:
+    """A message that names the rule without echoing large or sensitive input back."""
+    rule = error.validator
+    value = error.validator_value
+    messages = {
+        "required": lambda: "is required",
+        "type": lambda: f"must be of type {value}",
+        "const": lambda: f"must be {json.dumps(value)}",
+        "pattern": lambda: "has the wrong format",
+        "maxLength": lambda: f"is longer than {value} characters",
+        "minLength": lambda: "is empty" if value == 1 else f"is shorter than {value} characters",
+        "maximum": lambda: f"must be at most {value}",
+        "minimum": lambda: f"must be at least {value}",
+        "exclusiveMinimum": lambda: f"must be greater than {value}",
+        "maxProperties": lambda: f"has more than {value} keys",
+        "oneOf": lambda: "must be null or an object with at least op",
+        "additionalProperties": lambda: "has a value of the wrong type",
+    }
+    make = messages.get(rule)
+    if make is not None:
+        return make()
+    return error.message[:200]

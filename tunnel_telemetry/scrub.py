@@ -1,0 +1,80 @@
+"""Scrub step: remove what could identify a person or a proxy before anything is stored.
+
+Fails closed: config keys that name secrets and any value holding an IP address are dropped;
+IP addresses in free text are replaced by a placeholder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+PLACEHOLDER = "[scrubbed]"
+
+# A config key is dropped when one of its words is listed here (matched as a whole word) ...
+SECRET_WORDS = frozenset({
+    "pass", "pw", "pwd", "secret", "token", "key", "uuid", "auth", "cred", "cookie", "session",
+    "private", "psk", "cert", "sig", "user", "username", "login", "account", "email", "id",
+    "ip", "ips", "addr", "address", "server", "host", "hostname", "peer", "mac", "imei", "phone",
+})
+# ... or when any word contains one of these.
+SECRET_FRAGMENTS = ("pass", "secret", "token", "uuid", "key", "cred", "auth", "cookie", "psk",
+                    "private", "passwd")
+_WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+_IPV4 = re.compile(r"(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9])")
+_IPV6ISH = re.compile(r"(?<![0-9A-Za-z:.])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+                      r"(?:%[0-9A-Za-z_.-]+)?(?![0-9A-Za-z:.])")
+
+
+def _is_ip(token: str) -> bool:
+    try:
+        ipaddress.ip_address(token.split("%", 1)[0].strip("."))
+    except ValueError:
+        return False
+    return True
+
+
+def scrub_text(text: str, extra: tuple[str, ...] = ()) -> str:
+    """Replace IP addresses (and the given literal strings) in free text."""
+    for literal in extra:
+        if literal:
+            text = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
+    text = _IPV6ISH.sub(lambda m: PLACEHOLDER if _is_ip(m.group(0)) else m.group(0), text)
+    return _IPV4.sub(PLACEHOLDER, text)
+
+
+def contains_ip(text: str) -> bool:
+    """True when the text holds something that looks like an IP address."""
+    return scrub_text(text) != text
+
+
+def secret_key(key: str) -> bool:
+    """True when a config key names something secret or identifying (password, uuid, ...)."""
+    words = [w.lower() for w in _WORDS.findall(key)]
+    return any(w in SECRET_WORDS or any(f in w for f in SECRET_FRAGMENTS) for w in words)
+
+
+def scrub(report: dict[str, Any], allow_public_endpoint: bool) -> dict[str, Any]:
+    """Return a copy of an enriched report that is safe to store and relay."""
+    out = dict(report)
+    hidden: tuple[str, ...] = ()
+    if not allow_public_endpoint:
+        host = out.pop("endpoint_addr", None)
+        out.pop("endpoint", None)
+        hidden = (host,) if host and not _is_ip(host) else ()
+
+    config = {}
+    for key, value in (out.get("config") or {}).items():
+        if secret_key(key) or contains_ip(value) or contains_ip(key):
+            continue
+        if hidden and any(h.lower() in value.lower() or h.lower() in key.lower() for h in hidden):
+            continue
+        config[key] = value
+    out["config"] = config
+
+    failure = out.get("failure")
+    if failure is not None:
+        out["failure"] = {k: scrub_text(v, hidden) for k, v in failure.items()}
+    return out

@@ -1,0 +1,104 @@
+"""Serve the collector with gunicorn, in-process (tt-server) or via gunicorn.conf.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
+
+from .logs import RedactingFilter
+
+# No %(h)s (remote address), no headers, no query string: nothing that identifies a client.
+ACCESS_LOG_FORMAT = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+
+class ScrubbingLogger(GunicornLogger):
+    """Gunicorn's logger with IP addresses redacted from error and access logs.
+
+    Gunicorn itself writes client addresses into some messages ("Invalid request from ip=...").
+    """
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                    handler.addFilter(RedactingFilter())
+
+
+def _services(worker: Any) -> Any:
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("tunnel_telemetry")
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start per-worker background work (relay retry loop) after the fork."""
+    svc = _services(worker)
+    if svc is not None:
+        svc.start()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Release per-worker resources (open relay reports, connections) on shutdown."""
+    svc = _services(worker)
+    if svc is not None:
+        try:
+            svc.close()
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            logging.getLogger(__name__).warning("close failed on worker exit")
+
+
+def gunicorn_options(config: Any) -> dict[str, Any]:
+    """Gunicorn settings for a Config; shared by tt-server and gunicorn.conf.py."""
+    options: dict[str, Any] = {
+        "bind": [config.listen],
+        "workers": config.workers or os.cpu_count() or 1,
+        "worker_class": "gthread",
+        "threads": config.threads,
+        "preload_app": True,
+        "accesslog": "-",
+        "errorlog": "-",
+        "access_log_format": ACCESS_LOG_FORMAT,
+        "logger_class": "tunnel_telemetry.server.ScrubbingLogger",
+        "loglevel": "debug" if config.debug else "info",
+        "timeout": 30,
+        "graceful_timeout": 20,
+        "keepalive": 5,
+        "post_worker_init": post_worker_init,
+        "worker_exit": worker_exit,
+        "proc_name": "tt-server",
+        # Gunicorn's control socket has one fixed path per user: several instances collide.
+        "control_socket_disable": True,
+    }
+    if config.certfile:
+        options["certfile"] = config.certfile
+        options["keyfile"] = config.keyfile
+    return options
+
+
+class Server(BaseApplication):
+    """Gunicorn running an already built app (preloaded: config errors surface before fork)."""
+
+    def __init__(self, app: Any, options: dict[str, Any]) -> None:
+        self.application = app
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self.application
+
+
+def serve(config: Any, app: Any | None = None) -> None:
+    """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
+    if app is None:
+        from . import create_app
+
+        app = create_app(config)
+    Server(app, gunicorn_options(config)).run()

@@ -1,0 +1,94 @@
+"""HTTP API: POST /report runs validate -> enrich -> scrub -> store -> relay, then answers."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from . import __version__
+from .enrich import enrich
+from .errors import ReportError
+from .proxy import ENVIRON_KEY
+from .schema import load_schema
+from .scrub import scrub
+from .validate import parse_json, validate
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("collector", __name__)
+
+DECOY = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Welcome</title></head>
+<body><h1>It works!</h1><p>This server is up and running.</p></body></html>
+"""
+
+
+def services() -> Any:
+    """The per-process services built by create_app."""
+    return current_app.extensions["tunnel_telemetry"]
+
+
+def read_json_body(limit: int) -> Any:
+    """The request's JSON body, or a ReportError (415, 413, 400)."""
+    if request.mimetype != "application/json":
+        raise ReportError("content_type", "Content-Type must be application/json", status=415)
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise ReportError("content_type", "only the utf-8 charset is accepted", status=415)
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
+    return parse_json(body)
+
+
+@bp.post("/report")
+def post_report() -> tuple[Response, int]:
+    svc = services()
+    config = svc.config
+    payload = read_json_body(config.max_report_size)
+    now = datetime.now(UTC)
+    report, endpoint = validate(payload, now, config.max_report_age, config.max_clock_skew)
+    enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
+                      config.collector_id)
+    clean = scrub(enriched, config.allow_public_endpoint)
+    stored, created = svc.store.add(clean, svc.relay.destinations())
+    extra = svc.relay.after_store(stored, created)
+    log.debug("report %s", "accepted" if created else "duplicate")
+    return jsonify({**stored, **extra}), 201
+
+
+@bp.get("/")
+def index() -> Response:
+    return Response(DECOY, mimetype="text/html")
+
+
+@bp.get("/version")
+def version() -> Response:
+    return jsonify({"version": __version__, "commit": services().commit})
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    svc = services()
+    store_ok = svc.store.ping()
+    body: dict[str, Any] = {
+        "ok": store_ok,
+        "store": {"backend": svc.store.backend, "ok": store_ok},
+        "geo": svc.geo.info(),
+        "relay": {"destinations": svc.relay.destinations(),
+                  "backlog": svc.store.backlog() if store_ok else None},
+    }
+    return jsonify(body), 200 if store_ok else 503
+
+
+@bp.get("/report.schema.json")
+def report_schema() -> Response:
+    response = jsonify(load_schema())
+    response.mimetype = "application/schema+json"
+    return response
