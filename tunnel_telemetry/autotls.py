@@ -37,11 +37,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from . import __version__
+from .config import LETS_ENCRYPT, check_hostname, split_listen
 
 log = logging.getLogger(__name__)
 
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
 ACCOUNT_KEY_FILE = "account-key.pem"
 LOCK_FILE = ".lock"
@@ -53,7 +52,6 @@ _PEM_KEY = re.compile(
     rb"-----BEGIN (?:EC |RSA )?PRIVATE KEY-----.+?-----END (?:EC |RSA )?PRIVATE KEY-----\s*",
     re.DOTALL,
 )
-_HOSTNAME = re.compile(r"(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 
 
 class AutoTLSError(Exception):
@@ -62,16 +60,6 @@ class AutoTLSError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def check_hostname(hostname: str) -> str:
-    """Lower-case a DNS name and reject what an HTTP-01 certificate cannot cover."""
-    name = hostname.strip().rstrip(".").lower()
-    if name.startswith("*."):
-        raise ValueError("wildcard names need DNS-01; autotls uses HTTP-01")
-    if not _HOSTNAME.fullmatch(name) or re.fullmatch(r"[\d.]+|.*:.*", name):
-        raise ValueError(f"not a DNS host name: {hostname!r}")
-    return name
 
 
 # --- the cache directory ------------------------------------------------------------------
@@ -456,8 +444,6 @@ class AutoTLS:
     @classmethod
     def from_config(cls, config: Any) -> AutoTLS:
         """Build from a Config (autotls on)."""
-        from .config import split_listen
-
         host, _port = split_listen(config.listen)
         return cls(
             config.hostname,
@@ -593,6 +579,22 @@ class Renewer:
 # --- serving: gunicorn glue -------------------------------------------------------------------
 
 
+class TLSConfigError(Exception):
+    """certfile / keyfile cannot be served."""
+
+
+def check_cert_pair(certfile: str, keyfile: str | None) -> None:
+    """Load the pair as gunicorn will, so a bad file fails at start-up with one line."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise TLSConfigError(f"certfile: cannot load {certfile} with {keyfile}: "
+                             f"{reason}") from None
+
+
+
 def _stamp(*paths: str | None) -> tuple:
     out = []
     for path in paths:
@@ -650,7 +652,9 @@ def gunicorn_tls_options(config: Any) -> dict[str, Any]:
         tls = AutoTLS.from_config(config)
 
         def on_starting(server: Any) -> None:
-            tls.ensure()  # a no-op read of the cache when tt-server already did it
+            # tt-server already did this in prepare_tls(); `gunicorn app:app` has not.
+            if tls.current() is None:
+                tls.ensure()
 
         def when_ready(server: Any) -> None:
             global _renewer

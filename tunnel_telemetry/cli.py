@@ -12,6 +12,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG_FILE, OPTIONS, ConfigError, Option, load_config
 
 EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
 
 
 def _flag(opt: Option) -> Callable:
@@ -79,10 +80,47 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     ctx.obj = config
     if ctx.invoked_subcommand is not None:
         return
+    from .autotls import AutoTLSError, TLSConfigError
     from .server import serve
 
     app = build_app(config)
-    serve(config, app)
+    try:
+        serve(config, app)
+    except TLSConfigError as exc:
+        fail(str(exc))
+    except AutoTLSError as exc:
+        click.echo(f"tt-server: error: autotls: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Renew even when the certificate is not due.")
+@click.pass_obj
+def renew(config: Any, force: bool) -> None:
+    """Get or renew the autotls certificate now (the running server picks it up).
+
+    Uses the same options as the server (cache dir, ACME directory, HTTP-01 port); safe to
+    run while tt-server runs: issuance is serialised through a lock in autotls-cache-dir.
+    """
+    from .autotls import AutoTLS, AutoTLSError
+    from .logs import setup_logging
+
+    if not config.autotls:
+        fail("renew: autotls is off (use --autotls --hostname NAME)")
+    setup_logging(config.debug)
+    tls = AutoTLS.from_config(config)
+    before = tls.current()
+    try:
+        cert = tls.renew(force=force)
+    except AutoTLSError as exc:
+        click.echo(f"tt-server: error: autotls: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    if before is not None and cert.sha256 == before.sha256:
+        due_at = cert.not_after - cert.renew_window(config.renew_before_days)
+        click.echo(f"not due: {cert.describe()}; renewal from {due_at:%Y-%m-%d %H:%M} UTC "
+                   f"(--force to renew now)")
+    else:
+        click.echo(f"renewed: {cert.describe()} ({cert.path})")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,
     }
-    if config.certfile:
-        options["certfile"] = config.certfile
-        options["keyfile"] = config.keyfile
+    from .autotls import gunicorn_tls_options
+
+    options.update(gunicorn_tls_options(config))
     return options
 
 
@@ -95,10 +95,23 @@ class Server(BaseApplication):
         return self.application
 
 
+def prepare_tls(config: Any) -> None:
+    """Before binding: get the autotls certificate (from cache or ACME) or check that
+    certfile/keyfile load. Raises AutoTLSError / TLSConfigError with a one-line message.
+    """
+    from .autotls import AutoTLS, check_cert_pair
+
+    if config.autotls:
+        AutoTLS.from_config(config).ensure()
+    elif config.certfile:
+        check_cert_pair(config.certfile, config.keyfile)
+
+
 def serve(config: Any, app: Any | None = None) -> None:
     """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
     if app is None:
         from . import create_app
 
         app = create_app(config)
+    prepare_tls(config)
     Server(app, gunicorn_options(config)).run()

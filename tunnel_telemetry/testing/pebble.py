@@ -120,6 +120,7 @@ class Pebble:
                  validity: int | None = None) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="tt-pebble-")
         self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port or _free_port()
         self.validity = validity  # certificate lifetime in seconds (pebble default: 5 years)
         self.acme_port = _free_port()
