@@ -645,39 +645,41 @@ _renewer: Renewer | None = None
 
 
 def gunicorn_tls_options(config: Any) -> dict[str, Any]:
-    """Gunicorn settings for HTTPS: certfile/keyfile, the reloading ssl_context hook and,
-    with autotls, hooks that get the certificate before binding and renew in the master.
+    """Gunicorn settings for HTTPS: certfile/keyfile, the reloading ssl_context hook, an
+    on_starting hook that (with autotls) gets the certificate before binding and loads it
+    once in the master, and (with autotls) the renewer thread in the master.
     """
-    if config.autotls:
-        tls = AutoTLS.from_config(config)
+    if not (config.autotls or config.certfile):
+        return {}
+    tls = AutoTLS.from_config(config) if config.autotls else None
 
-        def on_starting(server: Any) -> None:
-            # tt-server already did this in prepare_tls(); `gunicorn app:app` has not.
-            if tls.current() is None:
-                tls.ensure()
+    def on_starting(server: Any) -> None:
+        # tt-server already got the certificate in prepare_tls(); `gunicorn app:app` has not.
+        if tls is not None and tls.current() is None:
+            tls.ensure()
+        # Build the context in the master: every forked worker starts with a good one, so a
+        # half-replaced pair later (new key, old certificate) never leaves a worker without.
+        from gunicorn.sock import ssl_context
 
-        def when_ready(server: Any) -> None:
-            global _renewer
-            if _renewer is None:
-                _renewer = Renewer(tls, config.autotls_check_interval)
-                _renewer.start()
+        ssl_context(server.cfg)
 
-        def on_exit(server: Any) -> None:
-            if _renewer is not None:
-                _renewer.stop()
+    options: dict[str, Any] = {
+        "certfile": str(tls.cert_path) if tls else config.certfile,
+        "keyfile": None if tls else config.keyfile,
+        "ssl_context": ReloadingSSLContext(),
+        "on_starting": on_starting,
+    }
+    if tls is None:
+        return options
 
-        return {
-            "certfile": str(tls.cert_path),
-            "keyfile": None,
-            "ssl_context": ReloadingSSLContext(),
-            "on_starting": on_starting,
-            "when_ready": when_ready,
-            "on_exit": on_exit,
-        }
-    if config.certfile:
-        return {
-            "certfile": config.certfile,
-            "keyfile": config.keyfile,
-            "ssl_context": ReloadingSSLContext(),
-        }
-    return {}
+    def when_ready(server: Any) -> None:
+        global _renewer
+        if _renewer is None:
+            _renewer = Renewer(tls, config.autotls_check_interval)
+            _renewer.start()
+
+    def on_exit(server: Any) -> None:
+        if _renewer is not None:
+            _renewer.stop()
+
+    return {**options, "when_ready": when_ready, "on_exit": on_exit}

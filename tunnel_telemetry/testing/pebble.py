@@ -240,10 +240,14 @@ class Pebble:
 
     def pause(self) -> None:
         """Freeze pebble (SIGSTOP): any ACME request would hang instead of being answered."""
-        self._procs[-1].send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._procs[-1].send_signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        if self._procs and self._procs[-1].poll() is None:
+            self._procs[-1].send_signal(sig)
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
