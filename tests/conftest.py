@@ -60,18 +60,12 @@ def tt_server(tmp_path):
 
 @pytest.fixture(scope="session")
 def geo_dbs(tmp_path_factory):
-    """PROVISIONAL (replaced by the geo branch): (country_db, asn_db) with known networks."""
-    from mmdb_writer import MMDBWriter
-    from netaddr import IPSet
+    """(country_db, asn_db): a GeoLite2-layout pair with known networks (see GEO_NETWORKS)."""
+    from tunnel_telemetry.testing.geodb import GEO_NETWORKS, write_asn_db, write_country_db
 
-    nets = {"1.1.1.0/24": (13335, "AU"), "2.3.4.0/24": (50304, "NO"), "6.6.6.0/24": (666, "US"),
-            "2001:db8:1::/48": (64500, "DE")}
     folder = tmp_path_factory.mktemp("geo")
-    country = MMDBWriter(6, "GeoLite2-Country", ipv4_compatible=True, int_type="u32")
-    asn = MMDBWriter(6, "GeoLite2-ASN", ipv4_compatible=True, int_type="u32")
-    for net, (number, cc) in nets.items():
-        country.insert_network(IPSet([net]), {"country": {"iso_code": cc}})
-        asn.insert_network(IPSet([net]), {"autonomous_system_number": number})
-    country.to_db_file(str(folder / "country.mmdb"))
-    asn.to_db_file(str(folder / "asn.mmdb"))
-    return folder / "country.mmdb", folder / "asn.mmdb"
+    country = folder / "country.mmdb"
+    asn = folder / "asn.mmdb"
+    write_country_db(country, {net: cc for net, (_, _, cc) in GEO_NETWORKS.items()})
+    write_asn_db(asn, {net: (number, org) for net, (number, org, _) in GEO_NETWORKS.items()})
+    return country, asn

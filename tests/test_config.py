@@ -85,12 +85,14 @@ def test_missing_file():
 
 
 def test_lists_from_env_flags_and_yaml(tmp_path):
-    assert load_config(env={"RELAY_URL": "http://a, http://b"}, path="").relay_url == (
+    token = {"RELAY_TOKEN": "a-long-enough-token"}
+    assert load_config(env={"RELAY_URL": "http://a, http://b", **token}, path="").relay_url == (
         "http://a", "http://b")
-    assert load_config(flags={"relay-url": ("http://c",)}, env={}).relay_url == ("http://c",)
+    assert load_config(flags={"relay-url": ("http://c",)}, env=token).relay_url == ("http://c",)
     path = tmp_path / "c.yaml"
-    path.write_text("relay-tokens:\n  - t1\n  - t2\n")
-    assert load_config(env={}, path=str(path)).relay_tokens == ("t1", "t2")
+    path.write_text("relay-tokens:\n  - t1-0123456789abcdef\n  - t2-0123456789abcdef\n")
+    assert load_config(env={}, path=str(path)).relay_tokens == (
+        "t1-0123456789abcdef", "t2-0123456789abcdef")
 
 
 def test_durations():
@@ -99,7 +101,8 @@ def test_durations():
 
 
 def test_from_mapping_and_describe_masks_secrets():
-    config = Config.from_mapping({"relay-token": "s3cret", "database-url": "sqlite:///x.db"})
+    config = Config.from_mapping({"relay-token": "s3cret-s3cret-s3cret",
+                                  "database-url": "sqlite:///x.db"})
     shown = describe(config)
     assert shown["relay-token"] == "***"
     assert "s3cret" not in repr(shown)
@@ -107,3 +110,29 @@ def test_from_mapping_and_describe_masks_secrets():
 
 def test_every_option_has_help():
     assert all(opt.help for opt in OPTIONS)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"relay-url": ("http://b",)}, "relay-token: required"),
+    ({"relay-tokens": ("short",)}, "16-512 printable"),
+    ({"relay-token": "has a space in it!"}, "16-512 printable"),
+    ({"relay-attempt-timeout": "0"}, "relay-attempt-timeout"),
+    ({"relay-timeout": "1h"}, "relay-timeout"),
+    ({"relay-interval": "0"}, "relay-interval"),
+    ({"relay-retry-min": "2h", "relay-retry-max": "1h"}, "relay-retry-min"),
+    ({"relay-max-age": "0"}, "relay-max-age"),
+    ({"relay-batch": "101"}, "relay-batch"),
+    ({"relay-url": ("https://user:pw@b.example",), "relay-token": "a-long-enough-token"},
+     "no credentials"),
+    ({"ooni-api": "https://k@api.example"}, "no credentials"),
+])
+def test_bad_relay_options(options, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags=options, env={}, path="")
+
+
+def test_relay_option_defaults():
+    c = load_config(env={}, path="")
+    assert (c.relay_timeout, c.relay_attempt_timeout, c.relay_max_age) == (5, 30, 7 * 86400)
+    assert (c.relay_retry_min, c.relay_retry_max, c.relay_interval, c.relay_batch) == (
+        30, 6 * 3600, 10, 50)

@@ -117,7 +117,7 @@ def test_too_large(server):
 
 @pytest.mark.parametrize("endpoint, asn, cc", [
     ("ss://1.1.1.1:443", "AS13335", "AU"),
-    ("obfs4://[2001:db8:1::99]:9001", "AS64500", "DE"),
+    ("obfs4://[2a01:4f8:1::99]:9001", "AS64500", "DE"),
     ("ss://[::ffff:1.1.1.1]:443", "AS13335", "AU"),
     ("vless://proxy.example.org:443", "AS0", "ZZ"),
 ])
@@ -132,7 +132,7 @@ def test_endpoint_geolocation(server, endpoint, asn, cc):
 @pytest.mark.parametrize("forwarded, asn, cc", [
     ("6.6.6.6, 2.3.4.5", "AS50304", "NO"),  # the client's own entry is never believed
     ("2.3.4.5", "AS50304", "NO"),
-    ("6.6.6.6, 2001:db8:1::77", "AS64500", "DE"),
+    ("6.6.6.6, 2a01:4f8:1::77", "AS64500", "DE"),
     ("2.3.4.5, 6.6.6.6", "AS666", "US"),
 ])
 def test_proxy_hops_one(server, forwarded, asn, cc):
@@ -207,7 +207,8 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
 
 
 def test_bad_option_exits_2_before_serving(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "--geoip-asn-db",
+    out = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli",
+                          "--listen", f"127.0.0.1:{TTServer(tmp_path).port}", "--geoip-asn-db",
                           str(tmp_path / "missing.mmdb"), "--database-url",
                           f"sqlite:///{tmp_path}/r.db"],
                          capture_output=True, text=True, timeout=30, env={**os.environ,
@@ -241,8 +242,8 @@ def test_privacy_nothing_leaks(tmp_path, tt_server, geo_dbs):
     db = tmp_path / "r.db"
     srv = tt_server("--workers", "2", "--database-url", f"sqlite:///{db}", "--proxy-hops", "1",
                     "--geoip-country-db", str(country), "--geoip-asn-db", str(asn), "--debug")
-    clients = ["2.3.4.5", "2001:db8:1::77", "6.6.6.6"]
-    endpoints = {"ss://1.1.1.1:443": "1.1.1.1", "obfs4://[2001:db8:1::99]:9001": "2001:db8:1::99",
+    clients = ["2.3.4.5", "2a01:4f8:1::77", "6.6.6.6"]
+    endpoints = {"ss://1.1.1.1:443": "1.1.1.1", "obfs4://[2a01:4f8:1::99]:9001": "2a01:4f8:1::99",
                  "vless://secret-proxy.example.org:443": "secret-proxy.example.org"}
     secrets = ["hunter2-password"]
     for i, (endpoint, addr) in enumerate(endpoints.items()):

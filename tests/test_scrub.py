@@ -18,6 +18,8 @@ def test_secret_keys(key, dropped):
     ("dial tcp [2001:db8::1]:443", f"dial tcp [{PLACEHOLDER}]:443"),
     ("from ::ffff:9.9.9.9 ok", f"from {PLACEHOLDER} ok"),
     ("via fe80::1%eth0 x", f"via {PLACEHOLDER} x"),
+    ("from 2a01:4f8:1::77: refused", f"from {PLACEHOLDER}: refused"),
+    ("from ::1: refused", f"from {PLACEHOLDER}: refused"),
     ("at 12:34:56 version 1.2.3", "at 12:34:56 version 1.2.3"),
     ("no address here", "no address here"),
 ])

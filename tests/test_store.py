@@ -1,6 +1,7 @@
 import multiprocessing
 import os
 import sqlite3
+import time
 import uuid
 
 import pytest
@@ -125,3 +126,72 @@ def test_locked_database_is_503_and_writes_nothing(db_url):
         blocker.close()
     assert store.count() == 0
     store.close()
+
+
+def test_add_with_lease_keeps_rows_from_other_claimers(store):
+    r = report()
+    store.add(r, ["ooni", "collector:http://b"], lease_owner="req", lease_seconds=30)
+    assert store.claim("ooni", 10, "loop", 30) == []
+    assert store.finish(r["uuid"], "ooni", "req", "delivered")
+    assert store.finish(r["uuid"], "collector:http://b", "req", "pending", next_attempt=0)
+    assert [c.uuid for c in store.claim("collector:http://b", 10, "loop", 30)] == [r["uuid"]]
+
+
+def test_add_lease_expires(store):
+    r = report()
+    store.add(r, ["ooni"], lease_owner="dead", lease_seconds=5)
+    assert store.claim("ooni", 1, "loop", 5) == []
+    assert [c.uuid for c in store.claim("ooni", 1, "loop", 5, now=time.time() + 6)] == [r["uuid"]]
+    assert not store.finish(r["uuid"], "ooni", "dead", "delivered")
+
+
+def test_duplicate_add_leases_nothing(store):
+    r = report()
+    store.add(r, ["ooni"])
+    store.add(r, ["ooni"], lease_owner="req", lease_seconds=30)
+    assert len(store.claim("ooni", 1, "loop", 30)) == 1
+
+
+def test_finish_merges_report_fields_only_with_the_lease(store):
+    r = report()
+    store.add(r, ["ooni"], lease_owner="w1", lease_seconds=30)
+    assert not store.finish(r["uuid"], "ooni", "w2", "delivered", report_fields={"x": 1})
+    assert "x" not in store.get(r["uuid"])
+    assert store.finish(r["uuid"], "ooni", "w1", "delivered", result={"id": "m"},
+                        report_fields={"ooni-measurement-id": "m"})
+    assert store.get(r["uuid"]) == {**r, "ooni-measurement-id": "m"}
+
+
+def test_release_gives_rows_back_without_counting_an_attempt(store):
+    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(3)]
+    assert len(store.claim("ooni", 10, "w1", 30)) == 3
+    assert store.release(uids[:2], "ooni", "w2") == 0  # not the owner
+    assert store.release(uids[:2], "ooni", "w1", next_attempt=time.time() + 100) == 2
+    assert store.release([], "ooni", "w1") == 0
+    assert store.claim("ooni", 10, "w3", 30) == []  # released rows are not due yet
+    claims = store.claim("ooni", 10, "w3", 30, due_only=False)
+    assert sorted(c.uuid for c in claims) == sorted(uids[:2])
+    assert {c.attempts for c in claims} == {0}
+
+
+def test_make_due_ignores_backoff(store):
+    uids = [store.add(report(), ["ooni", "other"])[0]["uuid"] for _ in range(2)]
+    for c in store.claim("ooni", 10, "w", 30):
+        store.finish(c.uuid, "ooni", "w", "pending", next_attempt=time.time() + 3600)
+    assert store.claim("ooni", 10, "w", 30) == []
+    assert store.make_due("ooni") == 2
+    assert sorted(c.uuid for c in store.claim("ooni", 10, "w", 30)) == sorted(uids)
+    assert store.make_due("other") == 0  # already due
+
+
+def test_requeue_failed(store):
+    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(3)]
+    states = ["failed", "delivered", "expired"]
+    for uid, state in zip(uids, states, strict=True):
+        store.claim("ooni", 1, "w", 30)
+        assert store.finish(uid, "ooni", "w", state)
+    assert store.requeue("ooni") == 1
+    assert store.requeue("ooni", ("expired",)) == 1
+    assert [c.uuid for c in store.claim("ooni", 10, "w", 30)] == [uids[0], uids[2]]
+    with pytest.raises(ValueError):
+        store.requeue("ooni", ("pending",))

@@ -142,3 +142,18 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
     assert resp.get_json()["ok"] is False
     monkeypatch.setattr(store._local, "conn", conn)
     assert store.count() == 0
+
+
+def test_healthz_does_not_publish_relay_urls(app_config):
+    from tunnel_telemetry import create_app
+
+    url = "http://127.0.0.1:9/private-secondary"
+    app = create_app({**app_config, "relay-url": (url,), "relay-token": "t" * 32,
+                      "relay-timeout": "0.2s"})
+    client = app.test_client()
+    post(client, make_report())
+    body = client.get("/healthz").get_json()
+    assert body["relay"]["destinations"] == ["collector-1"]
+    assert body["relay"]["backlog"]["collector-1"]["pending"] == 1
+    assert "private-secondary" not in json.dumps(body)
+    app.extensions["tunnel_telemetry"].close()

@@ -73,8 +73,8 @@ def create_app(config: Any = None) -> Any:
         config = Config.from_mapping(config)
     setup_logging(config.debug)
 
+    store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
-    store = open_store(config.database_url)
     relay = build_relay(config, store)
 
     app = Flask(__name__)

@@ -78,6 +78,7 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     """
     config = config_from_flags(config_path, flags)
     ctx.obj = config
+    ctx.meta["tt_server_flags"] = (config_path, flags)
     if ctx.invoked_subcommand is not None:
         return
     from .autotls import AutoTLSError, TLSConfigError
@@ -121,6 +122,72 @@ def renew(config: Any, force: bool) -> None:
                    f"(--force to renew now)")
     else:
         click.echo(f"renewed: {cert.describe()} ({cert.path})")
+
+
+@main.command("relay")
+@server_options
+@click.option("--once", is_flag=True,
+              help="Try every pending report now, whatever its backoff, then exit.")
+@click.option("--retry-failed", is_flag=True,
+              help="First put permanently failed reports back in the queue (after fixing the "
+                   "configuration that made them fail).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def relay_command(ctx: click.Context, once: bool, retry_failed: bool, as_json: bool,
+                  config_path: str | None, **flags: Any) -> None:
+    """Relay pending reports now (the server retries by itself; this pushes the backlog).
+
+    Uses the same configuration sources as the server; options may be given before or after
+    'relay'. Exit status: 0 when nothing is left pending, 1 when some reports must still be
+    retried, 2 on a configuration error.
+    """
+    import json
+
+    from .relay import build_relay
+    from .store import StoreError, open_store
+
+    if not once:
+        fail("relay: only --once is supported (the server runs the retry loop itself)")
+    group_path, group_flags = ctx.meta.get("tt_server_flags", (None, {}))
+    merged = {**{k: v for k, v in group_flags.items() if v is not None and v != ()},
+              **{k: v for k, v in flags.items() if v is not None and v != ()}}
+    config = config_from_flags(config_path or group_path, merged)
+    try:
+        store = open_store(config.database_url)
+    except StoreError as exc:
+        fail(str(exc))
+    relay = build_relay(config, store)
+    try:
+        dests = relay.destinations()
+        if retry_failed:
+            for dest in dests:
+                store.requeue(dest)
+        summary = relay.run_once(now_all=True) if dests else {}
+        backlog = store.backlog()
+    finally:
+        relay.close()
+        store.close()
+    result = {
+        dest: {"results": dict(summary.get(dest, {})), **backlog.get(dest, {"pending": 0})}
+        for dest in dests
+    }
+    unconfigured = {d: b for d, b in backlog.items() if d not in dests}
+    if as_json:
+        click.echo(json.dumps({"destinations": result, "unconfigured": unconfigured}))
+    else:
+        if not dests:
+            click.echo("relay is off: set ooni-relay or relay-url to relay reports")
+        for dest, row in result.items():
+            done = ", ".join(f"{n} {state}" for state, n in sorted(row["results"].items())
+                             if ":" not in state) or "nothing due"
+            left = f"{row['pending']} still pending"
+            if row["pending"]:
+                left += f" (oldest {row['oldest_age_s']:.0f} s)"
+            click.echo(f"{dest}: {done}; {left}")
+        for dest, row in unconfigured.items():
+            click.echo(f"{dest}: {row['pending']} pending, but this destination is no longer "
+                       "configured")
+    sys.exit(1 if any(row["pending"] for row in result.values()) else 0)
 
 
 if __name__ == "__main__":

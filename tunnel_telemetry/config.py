@@ -146,6 +146,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay-token", "str", None, "Bearer token sent with relayed batches.", secret=True),
     Option("relay-tokens", "list", (),
            "Tokens accepted on POST /relay (repeatable; none: /relay is closed).", secret=True),
+    Option("relay-timeout", "duration", 5.0,
+           "How long POST /report waits for the relay before answering 'pending' (the attempt "
+           "goes on in the background; 0: never wait)."),
+    Option("relay-attempt-timeout", "duration", 30.0,
+           "Most time one delivery attempt to a secondary collector may take."),
+    Option("relay-max-age", "duration", 7 * 86400.0,
+           "Stop retrying a report this long after it was stored (marked expired)."),
+    Option("relay-retry-min", "duration", 30.0,
+           "First retry delay; it doubles with every attempt, with jitter."),
+    Option("relay-retry-max", "duration", 6 * 3600.0, "Longest retry delay."),
+    Option("relay-interval", "duration", 10.0,
+           "How often each worker's retry loop looks for reports due for a retry."),
+    Option("relay-batch", "int", 50, "Reports per batch sent to a secondary collector (1-100)."),
     Option("autotls", "bool", False, "Obtain and renew TLS certificates automatically (ACME)."),
     Option("hostname", "str", None, "Host name to get the autotls certificate for."),
     Option("autotls-cache-dir", "str", "/var/www/.cache",
@@ -311,6 +324,28 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
     for url in (config.ooni_api, *config.relay_url):
         if not re.match(r"^https?://[^\s/]+", url):
             raise ConfigError(f"relay: not an http(s) URL: {url!r}")
+        if "@" in url.split("/", 3)[2]:
+            raise ConfigError("relay: no credentials in URLs (they would show in logs and "
+                              "/healthz); use relay-token")
+    if config.relay_url and not config.relay_token:
+        raise ConfigError("relay-token: required with relay-url (a secondary's /relay "
+                          "accepts only its relay-tokens)")
+    for token in (config.relay_token, *config.relay_tokens):
+        if token is not None and not re.fullmatch(r"[\x21-\x7e]{16,512}", token):
+            raise ConfigError("relay-token: tokens must be 16-512 printable characters, "
+                              "no spaces")
+    if not 0 < config.relay_attempt_timeout <= 600:
+        raise ConfigError("relay-attempt-timeout: must be more than 0 and at most 10m")
+    if config.relay_timeout > 600:
+        raise ConfigError("relay-timeout: must be at most 10m")
+    if not 0.05 <= config.relay_interval <= 86400:
+        raise ConfigError("relay-interval: must be between 50ms and 1d")
+    if not 0 < config.relay_retry_min <= config.relay_retry_max:
+        raise ConfigError("relay-retry-min: must be more than 0 and at most relay-retry-max")
+    if config.relay_max_age <= 0:
+        raise ConfigError("relay-max-age: must be more than 0")
+    if not 1 <= config.relay_batch <= 100:
+        raise ConfigError("relay-batch: must be between 1 and 100")
     listen = config.listen
     if listen is None:
         if config.autotls:

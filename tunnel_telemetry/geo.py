@@ -1,30 +1,228 @@
-"""Placeholder geo step (replaced by the full reader)."""
+"""Geolocation: an IP address to ("AS<n>", "CC") with MaxMind-format databases.
+
+Databases are opened once per process and memory-mapped, so gunicorn workers share their
+pages. Reads GeoLite2 / DB-IP Lite layouts (country and ASN files) and IPinfo Lite (one file
+with both), detected per record. Anything unknown is ("AS0", "ZZ"), OONI's convention.
+"""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import logging
+import os
 from typing import Any
+
+import maxminddb
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_ASN = "AS0"
+UNKNOWN_CC = "ZZ"
+UNKNOWN = (UNKNOWN_ASN, UNKNOWN_CC)
+
+try:  # the C extension also memory-maps the file and is several times faster
+    from maxminddb.extension import Reader as _ExtensionReader  # noqa: F401
+except ImportError:
+    _MODE = maxminddb.MODE_MMAP
+else:
+    _MODE = maxminddb.MODE_MMAP_EXT
+_LOOKUP_ERRORS = (ValueError, maxminddb.InvalidDatabaseError)
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 class GeoError(Exception):
-    """A geo database that cannot be opened."""
+    """A geo database cannot be used; `str()` is one line naming the option and the file."""
+
+    def __init__(self, message: str, reason: str = "geo_db_unusable", option: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.option = option
 
 
-class NullGeo:
-    def lookup(self, ip: Any) -> tuple[str, str]:
-        return "AS0", "ZZ"
+def _open_reader(option: str, path: str) -> Any:
+    try:
+        open(path, "rb").close()  # a precise error: the C reader says "no such file" for all
+        return maxminddb.open_database(path, _MODE)
+    except FileNotFoundError:
+        reason, problem = "geo_db_missing", "no such file"
+    except IsADirectoryError:
+        reason, problem = "geo_db_unreadable", "is a directory, not a file"
+    except PermissionError:
+        reason, problem = "geo_db_unreadable", "permission denied"
+    except OSError as exc:
+        reason, problem = "geo_db_unreadable", (exc.strerror or type(exc).__name__).lower()
+    except _LOOKUP_ERRORS:  # garbage, an empty or a truncated file
+        reason, problem = "geo_db_invalid", "not a MaxMind DB (.mmdb) file"
+    raise GeoError(f"{option}: {path}: {problem}", reason, option)
 
-    def info(self) -> list[dict]:
-        return []
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _asn(record: object) -> str:
+    """The record's ASN as "AS<n>" (GeoLite2 / DB-IP int, or IPinfo "AS<n>"), else AS0."""
+    if not isinstance(record, dict):
+        return UNKNOWN_ASN
+    value = record.get("autonomous_system_number")
+    if value is None:
+        value = record.get("asn")
+        if (
+            isinstance(value, str)
+            and 2 < len(value) <= 12
+            and value[:2] in ("AS", "as")
+            and value[2:].isascii()
+            and value[2:].isdecimal()
+        ):
+            value = int(value[2:])
+    if type(value) is int and 0 < value < 2**32:
+        return f"AS{value}"
+    return UNKNOWN_ASN
+
+
+def _cc(record: object) -> str:
+    """The record's two-letter country (country, registered_country, IPinfo country_code)."""
+    if not isinstance(record, dict):
+        return UNKNOWN_CC
+    value = record.get("country_code")
+    if value is None:
+        for key in ("country", "registered_country"):
+            sub = record.get(key)
+            if isinstance(sub, dict) and isinstance(sub.get("iso_code"), str):
+                value = sub["iso_code"]
+                break
+    if isinstance(value, str) and len(value) == 2 and value.isascii() and value.isalpha():
+        return value.upper()
+    return UNKNOWN_CC
+
+
+def _address(ip: object) -> _Address | None:
+    """A global address to look up (IPv4-mapped IPv6 as IPv4), else None."""
+    if isinstance(ip, str):
+        try:
+            ip = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+    elif not isinstance(ip, _Address):
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_global:
+        return ip
+    return None
+
+
+class Geo:
+    """Country and ASN lookups; with no database configured, every answer is AS0 / ZZ."""
+
+    def __init__(self, country_db: str | None = None, asn_db: str | None = None) -> None:
+        self.country_db = country_db or None
+        self.asn_db = asn_db or None
+        self._country, self._asn = self._open()
+
+    def _open(self) -> tuple[Any, Any]:
+        country = asn = None
+        try:
+            if self.country_db:
+                country = _open_reader("geoip-country-db", self.country_db)
+            if self.asn_db:
+                if country is not None and _same_file(self.country_db, self.asn_db):
+                    asn = country  # one file with both (IPinfo Lite): open it once
+                else:
+                    asn = _open_reader("geoip-asn-db", self.asn_db)
+        except GeoError:
+            if country is not None:
+                country.close()
+            raise
+        return country, asn
+
+    @property
+    def enabled(self) -> bool:
+        return self._country is not None or self._asn is not None
+
+    def lookup(self, ip: str | _Address | None) -> tuple[str, str]:
+        """("AS<n>", "CC") for `ip`; ("AS0", "ZZ") when unknown or not a global address."""
+        country, asn = self._country, self._asn  # one snapshot, in case reload() swaps them
+        if country is None and asn is None:
+            return UNKNOWN
+        addr = _address(ip)
+        if addr is None:
+            return UNKNOWN
+        try:
+            if country is asn:
+                record = country.get(addr)
+                return _asn(record), _cc(record)
+            return (
+                _asn(asn.get(addr)) if asn is not None else UNKNOWN_ASN,
+                _cc(country.get(addr)) if country is not None else UNKNOWN_CC,
+            )
+        except _LOOKUP_ERRORS as exc:  # IPv6 in an IPv4-only file, a corrupt record, closed
+            log.debug("geo_lookup_failed %s", type(exc).__name__)  # the message holds the IP
+            return UNKNOWN
+
+    def info(self) -> list[dict[str, Any]]:
+        """What /healthz shows per open database: role, type, build date, IP version, file."""
+        readers = []
+        if self._country is not None:
+            role = "country+asn" if self._country is self._asn else "country"
+            readers.append((role, self._country, self.country_db))
+        if self._asn is not None and self._asn is not self._country:
+            readers.append(("asn", self._asn, self.asn_db))
+        out = []
+        for role, reader, path in readers:
+            meta = reader.metadata()
+            try:
+                built = datetime.datetime.fromtimestamp(meta.build_epoch, datetime.UTC)
+                build_date = built.date().isoformat()
+            except (OverflowError, OSError, ValueError, TypeError):
+                build_date = None
+            out.append(
+                {
+                    "role": role,
+                    "database_type": meta.database_type,
+                    "build_date": build_date,
+                    "ip_version": meta.ip_version,
+                    "file": os.path.basename(path),
+                }
+            )
+        return out
 
     def reload(self) -> None:
-        pass
+        """Reopen the files (e.g. after an update); keep the current ones if that fails."""
+        if not self.enabled:
+            return
+        try:
+            readers = self._open()
+        except GeoError as exc:
+            log.error("geo_reload_failed %s %s: keeping the open databases", exc.reason, exc.option)
+            return
+        # The old readers are not closed here: a lookup in another thread may still use them.
+        # They close themselves when the last reference goes.
+        self._country, self._asn = readers
+        log.info("geo_reloaded")
 
     def close(self) -> None:
-        pass
+        """Close the databases; lookups answer AS0 / ZZ afterwards."""
+        readers = {id(r): r for r in (self._country, self._asn) if r is not None}
+        self._country = self._asn = None
+        for reader in readers.values():
+            reader.close()
 
 
-def open_geo(country_db: str | None, asn_db: str | None) -> NullGeo:
-    return NullGeo()
+def open_geo(country_db: str | None, asn_db: str | None) -> Geo:
+    """Open the configured databases once; raise GeoError (one line) if one is unusable."""
+    geo = Geo(country_db, asn_db)
+    if not geo.enabled:
+        log.warning(
+            "geo_disabled: no geoip-country-db or geoip-asn-db configured;"
+            " every address geolocates as AS0/ZZ"
+        )
+    elif geo._country is None:
+        log.warning("geo_country_disabled: no geoip-country-db; every country is ZZ")
+    elif geo._asn is None:
+        log.warning("geo_asn_disabled: no geoip-asn-db; every ASN is AS0")
+    return geo

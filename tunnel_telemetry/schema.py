@@ -69,9 +69,17 @@ def _short_message(error: jsonschema.ValidationError) -> str:
         "exclusiveMinimum": lambda: f"must be greater than {value}",
         "maxProperties": lambda: f"has more than {value} keys",
         "oneOf": lambda: "must be null or an object with at least op",
-        "additionalProperties": lambda: "has a value of the wrong type",
+        "additionalProperties": lambda: _extra_fields(error) if value is False
+        else "has a value of the wrong type",
     }
     make = messages.get(rule)
     if make is not None:
         return make()
     return error.message[:200]
+
+
+def _extra_fields(error: jsonschema.ValidationError) -> str:
+    """Name (a few of) the fields a closed schema does not allow, shortened."""
+    allowed = error.schema.get("properties", {})
+    extra = sorted(str(k)[:64] for k in error.instance if k not in allowed)
+    return "has fields that are not allowed: " + ", ".join(extra[:5])

@@ -36,12 +36,22 @@ def _is_ip(token: str) -> bool:
     return True
 
 
+def _scrub_ipv6ish(match: re.Match) -> str:
+    token = match.group(0)
+    if _is_ip(token):
+        return PLACEHOLDER
+    bare = token.rstrip(":")  # "from 2001:db8::7: refused": the colon is the message's
+    if bare != token and _is_ip(bare):
+        return PLACEHOLDER + token[len(bare):]
+    return token
+
+
 def scrub_text(text: str, extra: tuple[str, ...] = ()) -> str:
     """Replace IP addresses (and the given literal strings) in free text."""
     for literal in extra:
         if literal:
             text = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
-    text = _IPV6ISH.sub(lambda m: PLACEHOLDER if _is_ip(m.group(0)) else m.group(0), text)
+    text = _IPV6ISH.sub(_scrub_ipv6ish, text)
     return _IPV4.sub(PLACEHOLDER, text)
 
 

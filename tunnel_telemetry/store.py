@@ -45,8 +45,9 @@ class Store(Protocol):
 
     backend: str
 
-    def add(self, report: dict[str, Any], destinations: list[str]) -> tuple[dict[str, Any], bool]:
-        ...
+    def add(self, report: dict[str, Any], destinations: list[str], *,
+            lease_owner: str | None = None,
+            lease_seconds: float = 0.0) -> tuple[dict[str, Any], bool]: ...
 
     def get(self, uuid: str) -> dict[str, Any] | None: ...
 
@@ -57,7 +58,16 @@ class Store(Protocol):
 
     def finish(self, uuid: str, destination: str, owner: str, state: str, *,
                result: dict[str, Any] | None = None, error: str | None = None,
-               next_attempt: float | None = None) -> bool: ...
+               next_attempt: float | None = None,
+               report_fields: dict[str, Any] | None = None) -> bool: ...
+
+    def release(self, uuids: list[str], destination: str, owner: str,
+                next_attempt: float | None = None) -> int: ...
+
+    def make_due(self, destination: str, now: float | None = None) -> int: ...
+
+    def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),
+                now: float | None = None) -> int: ...
 
     def relay_state(self, uuid: str) -> dict[str, dict[str, Any]]: ...
 
@@ -151,9 +161,16 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise StoreUnavailable("store_error") from None
 
-    def add(self, report: dict[str, Any], destinations: list[str]) -> tuple[dict[str, Any], bool]:
-        """Store a report once by uuid and queue it for each destination, atomically."""
+    def add(self, report: dict[str, Any], destinations: list[str], *,
+            lease_owner: str | None = None,
+            lease_seconds: float = 0.0) -> tuple[dict[str, Any], bool]:
+        """Store a report once by uuid and queue it for each destination, atomically.
+
+        With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
+        the caller can attempt them at once without another process claiming them too.
+        """
         now = time.time()
+        lease_until = now + lease_seconds if lease_owner else None
         with self._tx() as conn:
             cur = conn.execute(
                 "INSERT INTO reports (uuid, received, body) VALUES (?, ?, ?) "
@@ -165,8 +182,10 @@ class SQLiteStore:
                                    (report["uuid"],)).fetchone()
                 return json.loads(row[0]), False
             conn.executemany(
-                "INSERT INTO relays (uuid, destination, created, next_attempt) VALUES (?, ?, ?, ?)",
-                [(report["uuid"], dest, now, now) for dest in destinations],
+                "INSERT INTO relays (uuid, destination, created, next_attempt, lease_owner, "
+                "lease_until) VALUES (?, ?, ?, ?, ?, ?)",
+                [(report["uuid"], dest, now, now, lease_owner, lease_until)
+                 for dest in destinations],
             )
         return report, True
 
@@ -208,8 +227,13 @@ class SQLiteStore:
 
     def finish(self, uuid: str, destination: str, owner: str, state: str, *,
                result: dict[str, Any] | None = None, error: str | None = None,
-               next_attempt: float | None = None) -> bool:
-        """Record the outcome of a leased relay; False when the lease was lost."""
+               next_attempt: float | None = None,
+               report_fields: dict[str, Any] | None = None) -> bool:
+        """Record the outcome of a leased relay; False when the lease was lost.
+
+        ``report_fields`` are merged into the stored report in the same transaction (e.g. the
+        OONI measurement id), and only when the lease was still held.
+        """
         if state not in STATES:
             raise ValueError(f"unknown relay state {state!r}")
         with self._tx() as conn:
@@ -221,7 +245,52 @@ class SQLiteStore:
                 (state, error, _dumps(result) if result is not None else None, next_attempt,
                  uuid, destination, owner),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if report_fields:
+                row = conn.execute("SELECT body FROM reports WHERE uuid = ?",
+                                   (uuid,)).fetchone()
+                body = {**json.loads(row[0]), **report_fields}
+                conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (_dumps(body), uuid))
+            return True
+
+    def release(self, uuids: list[str], destination: str, owner: str,
+                next_attempt: float | None = None) -> int:
+        """Give leased relays back unattempted (attempts unchanged); returns how many."""
+        if not uuids:
+            return 0
+        with self._tx() as conn:
+            cur = conn.executemany(
+                "UPDATE relays SET lease_owner = NULL, lease_until = NULL, "
+                "next_attempt = COALESCE(?, next_attempt) "
+                "WHERE uuid = ? AND destination = ? AND lease_owner = ? AND state = 'pending'",
+                [(next_attempt, uuid, destination, owner) for uuid in uuids],
+            )
+            return cur.rowcount
+
+    def make_due(self, destination: str, now: float | None = None) -> int:
+        """Make every pending relay to ``destination`` due now, whatever its backoff."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            return conn.execute(
+                "UPDATE relays SET next_attempt = ? "
+                "WHERE destination = ? AND state = 'pending' AND next_attempt > ?",
+                (now, destination, now),
+            ).rowcount
+
+    def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),
+                now: float | None = None) -> int:
+        """Put finished relays (by default the permanently failed ones) back in the queue."""
+        bad = [s for s in states if s not in STATES or s == "pending"]
+        if bad:
+            raise ValueError(f"cannot requeue relay states {bad}")
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            return conn.executemany(
+                "UPDATE relays SET state = 'pending', next_attempt = ?, lease_owner = NULL, "
+                "lease_until = NULL WHERE destination = ? AND state = ?",
+                [(now, destination, state) for state in states],
+            ).rowcount
 
     def relay_state(self, uuid: str) -> dict[str, dict[str, Any]]:
         rows = self._conn.execute(

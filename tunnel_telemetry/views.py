@@ -12,6 +12,7 @@ from . import __version__
 from .enrich import enrich
 from .errors import ReportError
 from .proxy import ENVIRON_KEY
+from .relay import MAX_BATCH, check_token, receive_batch
 from .schema import load_schema
 from .scrub import scrub
 from .validate import parse_json, validate
@@ -57,10 +58,21 @@ def post_report() -> tuple[Response, int]:
     enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
                       config.collector_id)
     clean = scrub(enriched, config.allow_public_endpoint)
-    stored, created = svc.store.add(clean, svc.relay.destinations())
+    stored, created = svc.store.add(clean, svc.relay.destinations(), **svc.relay.add_options())
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
     return jsonify({**stored, **extra}), 201
+
+
+@bp.post("/relay")
+def post_relay() -> tuple[Response, int]:
+    """Reports relayed by a primary collector (bearer token from relay-tokens)."""
+    svc = services()
+    check_token(request.headers.get("Authorization"), svc.config.relay_tokens)
+    limit = MAX_BATCH * svc.config.max_report_size
+    request.max_content_length = limit
+    body = receive_batch(read_json_body(limit), svc.store, svc.relay, svc.config)
+    return jsonify(body), 200
 
 
 @bp.get("/")
@@ -77,14 +89,27 @@ def version() -> Response:
 def healthz() -> tuple[Response, int]:
     svc = services()
     store_ok = svc.store.ping()
+    label = public_labels(svc.relay.destinations())
+    backlog = svc.store.backlog() if store_ok else None
+    health = svc.relay.health()
+    if "backing_off_s" in health:
+        health["backing_off_s"] = {label(d): v for d, v in health["backing_off_s"].items()}
     body: dict[str, Any] = {
         "ok": store_ok,
         "store": {"backend": svc.store.backend, "ok": store_ok},
         "geo": svc.geo.info(),
-        "relay": {"destinations": svc.relay.destinations(),
-                  "backlog": svc.store.backlog() if store_ok else None},
+        "relay": {"destinations": [label(d) for d in svc.relay.destinations()],
+                  "backlog": {label(d): v for d, v in backlog.items()} if backlog else backlog,
+                  **health},
     }
     return jsonify(body), 200 if store_ok else 503
+
+
+def public_labels(destinations: list[str]) -> Any:
+    """Name relay destinations for a public page: secondary collectors by position, no URL."""
+    names = {d: f"collector-{i}" for i, d in
+             enumerate((d for d in destinations if d != "ooni"), start=1)}
+    return lambda dest: dest if dest == "ooni" else names.get(dest, "collector-unconfigured")
 
 
 @bp.get("/report.schema.json")
