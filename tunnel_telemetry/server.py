@@ -107,11 +107,12 @@ def prepare_tls(config: Any) -> None:
         check_cert_pair(config.certfile, config.keyfile)
 
 
-def serve(config: Any, app: Any | None = None) -> None:
+def serve(config: Any, app: Any | None = None, tls_prepared: bool = False) -> None:
     """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
     if app is None:
         from . import create_app
 
         app = create_app(config)
-    prepare_tls(config)
+    if not tls_prepared:
+        prepare_tls(config)
     Server(app, gunicorn_options(config)).run()
