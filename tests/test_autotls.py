@@ -487,39 +487,63 @@ def wait_for(predicate, timeout=20.0, step=0.05):
 
 
 @needs_pebble
-def test_renewer_renews_in_background_then_backs_off(pebble, tmp_path, caplog):
-    shift = datetime.timedelta(0)
-    tls = AutoTLS("localhost", tmp_path, settings(pebble),
-                  clock=lambda: datetime.datetime.now(datetime.UTC) + shift)
-    first = tls.ensure()
-    renewer = Renewer(tls, check_interval=4)
-    caplog.set_level("INFO", "tunnel_telemetry.autotls")
-    try:
-        shift = first.remaining() - 10 * DAY  # due
-        renewer.start()
-        assert wait_for(lambda: tls.cache.load().serial != first.serial)
-        second = tls.cache.load()
-        # Not due any more (a fresh 5-year certificate): the renewer sleeps.
-        time.sleep(0.5)
+def test_renewer_check_renews_in_a_child_process(tmp_path):
+    # 2-day certificates + 3 s: with renew-before-days 2 they are due 3 s after issuance.
+    with Pebble(tmp_path / "pebble", validity=2 * 86400 + 3) as pebble:
+        tls = AutoTLS("localhost", tmp_path / "cache", settings(pebble), renew_before_days=2)
+        first = tls.ensure()
+        renewer = Renewer(tls, check_interval=3600)
+        assert wait_for(lambda: first.due(2))
+        result = renewer.check()
+        assert result["ok"], result
+        renewed = tls.cache.load()
+        assert renewed.serial != first.serial
+        assert result["certificate"] == renewed.describe()
+        assert 0 < result["next_check"] <= 3600
         assert pebble.count("POST /order-plz") == 2
-        pebble.stop()  # the CA goes away; the next renewal fails
-        shift = second.remaining() - 10 * DAY
-        renewer.stop()
-        renewer = Renewer(tls, check_interval=4)
-        renewer.start()
-        assert wait_for(lambda: renewer.failures >= 3, timeout=15)
+
+
+def due_cached_cert(cache_dir, directory):
+    """A cached certificate for localhost, valid for 10 more days: due with the defaults."""
+    cache = CertCache(cache_dir, "localhost")
+    cache.prepare()
+    key_pem, cert_pem = make_cert("localhost", NOW - 80 * DAY, NOW + 10 * DAY)
+    return cache.save(key_pem, cert_pem, directory)
+
+
+def test_renewer_backs_off_and_keeps_the_certificate(tmp_path, caplog):
+    acme = ACMESettings(directory=f"https://127.0.0.1:{free_port()}/dir", http_port=free_port())
+    cert = due_cached_cert(tmp_path, acme.directory)
+    before = cert.path.read_bytes()
+    renewer = Renewer(AutoTLS("localhost", tmp_path, acme), check_interval=4)
+    caplog.set_level("INFO", "tunnel_telemetry.autotls")
+    renewer.start()
+    try:
+        assert wait_for(lambda: renewer.failures >= 3, timeout=30)
     finally:
         renewer.stop()
     failures = [r.getMessage() for r in caplog.records if "renewal failed" in r.getMessage()]
     assert "[acme_unreachable] (attempt 1)" in failures[0]
+    assert "Connection refused" in failures[0]
     assert "retrying in 1s" in failures[0] and "retrying in 2s" in failures[1]
-    assert all(f"still serving localhost serial {second.serial:x}" in f for f in failures)
-    assert tls.cache.load().serial == second.serial  # the valid certificate stays
+    assert all(f"still serving {cert.describe()}" in f for f in failures)
+    assert cert.path.read_bytes() == before
 
 
-def test_renewer_thread_does_not_leak(tmp_path):
-    acme = ACMESettings(directory=f"https://127.0.0.1:{free_port()}/dir", http_port=free_port())
-    renewer = Renewer(AutoTLS("localhost", tmp_path, acme), check_interval=60)
-    renewer.start()
-    renewer.stop()
-    assert not any(t.name == "autotls-renewer" for t in threading.enumerate())
+def test_renewer_stop_ends_thread_and_child(tmp_path):
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        acme = ACMESettings(directory=f"https://127.0.0.1:{port}/dir", http_port=free_port())
+        due_cached_cert(tmp_path, acme.directory)
+        renewer = Renewer(AutoTLS("localhost", tmp_path, acme), check_interval=60)
+        children = []
+        renewer.start()
+        assert wait_for(lambda: renewer._child is not None and children.append(renewer._child)
+                        is None, timeout=10)
+        time.sleep(0.5)  # the child is now waiting for the silent server
+        assert children[0].poll() is None
+        renewer.stop()
+        assert children[0].wait(timeout=5) is not None
+        assert not any(t.name == "autotls-renewer" for t in threading.enumerate())

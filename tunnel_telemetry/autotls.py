@@ -21,9 +21,10 @@ import random
 import re
 import ssl
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,17 +281,6 @@ def parse_cert_file(path: Path, data: bytes, hostname: str) -> Certificate:
 
 # --- ACME ------------------------------------------------------------------------------
 
-_challenge_servers: weakref.WeakSet = weakref.WeakSet()
-
-
-def _close_challenge_sockets_in_child() -> None:
-    # A gunicorn worker forked while the master answers a challenge must not keep port 80.
-    for server in list(_challenge_servers):
-        with contextlib.suppress(OSError):
-            server.socket.close()
-
-
-os.register_at_fork(after_in_child=_close_challenge_sockets_in_child)
 # acme's challenge server logs each validator's address at DEBUG: keep it quiet.
 logging.getLogger("acme.standalone").setLevel(logging.INFO)
 
@@ -415,7 +405,6 @@ def _http01_listener(settings: ACMESettings, resources: set) -> Iterator[None]:
             + (" (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
                if settings.http_port < 1024 else ""),
         ) from None
-    _challenge_servers.update(servers.servers)
     servers.serve_forever()
     try:
         yield
@@ -525,18 +514,42 @@ def retry_delays(check_interval: float) -> Iterator[float]:
         delay *= 2
 
 
+def check_and_renew(tls: AutoTLS, check_interval: float) -> dict[str, Any]:
+    """One renewal check: renew if due; a JSON-able summary for the renewer."""
+    try:
+        cert = tls.renew()
+    except AutoTLSError as exc:
+        current = tls.current()
+        return {"ok": False, "reason": exc.reason, "error": str(exc),
+                "serving": current.describe() if current else None}
+    return {"ok": True, "certificate": cert.describe(),
+            "next_check": tls.next_check(check_interval) or check_interval}
+
+
+CHILD_TIMEOUT = ORDER_TIMEOUT + 4 * NETWORK_TIMEOUT
+_CHILD = "import sys; from tunnel_telemetry.autotls import child_main; sys.exit(child_main())"
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
 class Renewer:
-    """Background renewal in the gunicorn master: checks the cached certificate every
-    `check_interval` seconds (a local file read), renews when due, backs off on failure.
-    Workers need no signal: the file they serve from is replaced atomically.
+    """Background renewal for the gunicorn master: a thread that, when renewal may be due,
+    runs one check in a fresh child process (`child_main`) and backs
+    off when it fails. The still-valid certificate keeps being served meanwhile.
+
+    The ACME and crypto work happens in the child, not in this thread: the master forks
+    workers at any time, and a fork while a thread holds an OpenSSL lock would leave that
+    lock held forever in the worker.
     """
 
-    def __init__(self, tls: AutoTLS, check_interval: float = 12 * 3600.0) -> None:
+    def __init__(self, tls: AutoTLS, check_interval: float = 12 * 3600.0,
+                 debug: bool = False) -> None:
         self.tls = tls
         self.check_interval = max(1.0, check_interval)
+        self.debug = debug
+        self.failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.failures = 0
+        self._child: subprocess.Popen | None = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -546,34 +559,82 @@ class Renewer:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.terminate()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
+    def check(self) -> dict[str, Any]:
+        """Run one check in a child process; its log lines go to our stderr."""
+        params = {
+            "hostname": self.tls.hostname,
+            "cache_dir": str(self.tls.cache.dir),
+            "acme": dataclasses.asdict(self.tls.acme),
+            "renew_before_days": self.tls.renew_before_days,
+            "check_interval": self.check_interval,
+            "debug": self.debug,
+        }
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": _PACKAGE_PARENT + (os.pathsep + path if path else "")}
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, env=env, text=True)
+            out, _ = self._child.communicate(json.dumps(params), timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.communicate()
+            return {"ok": False, "reason": "timeout", "serving": None,
+                    "error": f"no answer from the renewal process after {CHILD_TIMEOUT}s"}
+        except OSError as exc:
+            return {"ok": False, "reason": "error", "serving": None,
+                    "error": f"cannot start the renewal process: {exc}"}
+        finally:
+            self._child = None
+        try:
+            result = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            result = None
+        if not isinstance(result, dict) or "ok" not in result:
+            return {"ok": False, "reason": "error", "serving": None,
+                    "error": "the renewal process failed (see its traceback above)"}
+        return result
+
     def _run(self) -> None:
-        delay = self.tls.next_check(self.check_interval)
+        delay = 0.0  # check at once: the cached certificate may be due already
         backoff = retry_delays(self.check_interval)
         while not self._stop.wait(delay):
-            try:
-                self.tls.renew()
-            except Exception as exc:  # noqa: BLE001 - keep serving, retry later
-                self.failures += 1
-                delay = next(backoff)
-                cert = self.tls.current()
-                still = (f"still serving {cert.describe()}" if cert is not None
-                         else "no valid certificate to serve")
-                reason = exc.reason if isinstance(exc, AutoTLSError) else "error"
-                log.error("autotls: renewal failed [%s] (attempt %d): %s; retrying in %.0fs; "
-                          "%s", reason, self.failures, exc, delay, still)
-            else:
+            result = self.check()
+            if self._stop.is_set():
+                return
+            if result["ok"]:
                 if self.failures:
                     log.info("autotls: renewal succeeded after %d failed attempts",
                              self.failures)
                 self.failures = 0
                 backoff = retry_delays(self.check_interval)
-                delay = self.tls.next_check(self.check_interval)
-                if delay == 0.0:  # still due right after renewing: wait a full interval
-                    delay = self.check_interval
+                delay = float(result["next_check"])
+                continue
+            self.failures += 1
+            delay = next(backoff)
+            still = (f"still serving {result['serving']}" if result.get("serving")
+                     else "no valid certificate to serve")
+            log.error("autotls: renewal failed [%s] (attempt %d): %s; retrying in %.0fs; %s",
+                      result["reason"], self.failures, result["error"], delay, still)
+
+
+def child_main() -> int:
+    """The renewal child process: one check for Renewer (JSON on stdin, one JSON line out)."""
+    from .logs import setup_logging
+
+    params = json.load(sys.stdin)
+    setup_logging(params.get("debug", False))
+    tls = AutoTLS(params["hostname"], params["cache_dir"], ACMESettings(**params["acme"]),
+                  renew_before_days=params["renew_before_days"])
+    print(json.dumps(check_and_renew(tls, params["check_interval"])), flush=True)
+    return 0
 
 
 # --- serving: gunicorn glue -------------------------------------------------------------------
@@ -675,7 +736,7 @@ def gunicorn_tls_options(config: Any) -> dict[str, Any]:
     def when_ready(server: Any) -> None:
         global _renewer
         if _renewer is None:
-            _renewer = Renewer(tls, config.autotls_check_interval)
+            _renewer = Renewer(tls, config.autotls_check_interval, debug=config.debug)
             _renewer.start()
 
     def on_exit(server: Any) -> None:

@@ -81,20 +81,20 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     ctx.meta["tt_server_flags"] = (config_path, flags)
     if ctx.invoked_subcommand is not None:
         return
-    from .autotls import AutoTLSError, TLSConfigError
     from .server import prepare_tls, serve
 
     if config.autotls or config.certfile:
+        from .autotls import AutoTLSError, TLSConfigError
         from .logs import setup_logging
 
         setup_logging(config.debug)
-    try:  # before the app: a bad certificate pair is a config error (exit 2, one line)
-        prepare_tls(config)
-    except TLSConfigError as exc:
-        fail(str(exc))
-    except AutoTLSError as exc:
-        click.echo(f"tt-server: error: autotls: {exc}", err=True)
-        sys.exit(EXIT_RUNTIME)
+        try:  # before the app: a bad certificate pair is a config error (exit 2, one line)
+            prepare_tls(config)
+        except TLSConfigError as exc:
+            fail(str(exc))
+        except AutoTLSError as exc:
+            click.echo(f"tt-server: error: autotls: {exc}", err=True)
+            sys.exit(EXIT_RUNTIME)
     app = build_app(config)
     serve(config, app, tls_prepared=True)
 

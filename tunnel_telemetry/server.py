@@ -73,9 +73,10 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,
     }
-    from .autotls import gunicorn_tls_options
+    if config.autotls or config.certfile:
+        from .autotls import gunicorn_tls_options  # ACME/crypto imports only when needed
 
-    options.update(gunicorn_tls_options(config))
+        options.update(gunicorn_tls_options(config))
     return options
 
 
@@ -99,11 +100,13 @@ def prepare_tls(config: Any) -> None:
     """Before binding: get the autotls certificate (from cache or ACME) or check that
     certfile/keyfile load. Raises AutoTLSError / TLSConfigError with a one-line message.
     """
-    from .autotls import AutoTLS, check_cert_pair
-
     if config.autotls:
+        from .autotls import AutoTLS
+
         AutoTLS.from_config(config).ensure()
     elif config.certfile:
+        from .autotls import check_cert_pair
+
         check_cert_pair(config.certfile, config.keyfile)
 
 
