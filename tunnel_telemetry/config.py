@@ -137,7 +137,8 @@ OPTIONS: tuple[Option, ...] = (
            "Header carrying the client address: X-Forwarded-For, Forwarded, X-Real-IP or any "
            "single-address header such as CF-Connecting-IP."),
     Option("database-url", "str", "sqlite:///tt-data/reports.db",
-           "Where reports and the relay queue live (sqlite:///relative or sqlite:////absolute).",
+           "Where reports and the relay queue live: sqlite:///relative, sqlite:////absolute or "
+           "postgresql://user:password@host/db (also postgres://; docs/postgres.md).",
            secret=True),
     Option("ooni-relay", "bool", False, "Relay reports to OONI's collector."),
     Option("ooni-api", "str", "https://api.ooni.io", "OONI collector base URL."),

@@ -340,14 +340,18 @@ def sqlite_path(url: str) -> str:
 
 def open_store(url: str) -> Store:
     """Open the backend named by the URL scheme; StoreError with one line when it cannot."""
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise StoreError("database-url: not a valid URL") from None
     if scheme == "sqlite":
         return SQLiteStore(sqlite_path(url))
     if scheme in ("postgres", "postgresql"):
         try:
             from .store_pg import PostgresStore  # noqa: PLC0415 - optional backend
         except ImportError:
-            raise StoreError("database-url: PostgreSQL support is not installed") from None
+            raise StoreError("database-url: PostgreSQL support is not installed: "
+                             "pip install 'tunnel-telemetry[postgres]'") from None
         return PostgresStore(url)
     raise StoreError(f"database-url: unsupported scheme {scheme or '(none)'!r}; "
                      "use sqlite:/// or postgresql://")
