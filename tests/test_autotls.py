@@ -538,12 +538,12 @@ def test_renewer_stop_ends_thread_and_child(tmp_path):
         acme = ACMESettings(directory=f"https://127.0.0.1:{port}/dir", http_port=free_port())
         due_cached_cert(tmp_path, acme.directory)
         renewer = Renewer(AutoTLS("localhost", tmp_path, acme), check_interval=60)
-        children = []
         renewer.start()
-        assert wait_for(lambda: renewer._child is not None and children.append(renewer._child)
-                        is None, timeout=10)
+        assert wait_for(lambda: renewer._child is not None, timeout=10)
+        pid = renewer._child
         time.sleep(0.5)  # the child is now waiting for the silent server
-        assert children[0].poll() is None
+        os.kill(pid, 0)  # still running
         renewer.stop()
-        assert children[0].wait(timeout=5) is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
         assert not any(t.name == "autotls-renewer" for t in threading.enumerate())

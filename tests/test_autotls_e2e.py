@@ -122,6 +122,7 @@ def test_autotls_issue_serve_restart_reuse_and_forced_renewal(tmp_path):
         # 3. `tt-server renew` while serving: not due; --force gets a new certificate that
         # the running workers serve on their next connection, without a restart.
         try:
+            assert wait_for(lambda: booted(srv) == 2)
             cli = [sys.executable, "-m", "tunnel_telemetry.cli", *args, "renew"]
             out = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=srv.env)
             assert out.returncode == 0, out.stderr
@@ -170,6 +171,7 @@ def test_autotls_background_renewal_drops_no_request_then_backs_off(tmp_path):
         thread = threading.Thread(target=hammer)
         try:
             srv.start()
+            assert wait_for(lambda: booted(srv) == 2)
             thread.start()
             assert wait_for(lambda: len(results) >= 10), (errors[-3:], srv.logs()[-3000:])
             pebble.resume()
@@ -265,6 +267,7 @@ def test_certfile_keyfile_https_and_rotation_without_restart(tmp_path):
     try:
         first = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
         assert https_post(port, bundle) == (201, first)
+        assert wait_for(lambda: booted(srv) == 2)
         # An operator's tool (certbot, ...) replaces the files: key first, then certificate.
         write_private(key, key2.read_bytes())
         assert https_post(port, bundle) == (201, first)  # mismatched pair: old one served

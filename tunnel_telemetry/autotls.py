@@ -19,12 +19,13 @@ import logging
 import os
 import random
 import re
+import signal
 import ssl
 import stat
-import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,7 +550,7 @@ class Renewer:
         self.failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._child: subprocess.Popen | None = None
+        self._child: int | None = None  # pid of the running check
 
     def start(self) -> None:
         if self._thread is not None:
@@ -558,16 +559,19 @@ class Renewer:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread; a renewal in progress is abandoned (its child is killed)."""
         self._stop.set()
-        child = self._child
-        if child is not None and child.poll() is None:
-            child.terminate()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def check(self) -> dict[str, Any]:
-        """Run one check in a child process; its log lines go to our stderr."""
+        """Run one check in a child process; its log lines go to our stderr.
+
+        posix_spawn, no pipes: the master forks workers at any moment, and a worker that
+        inherited a pipe end (ours, or the exec-error pipe subprocess uses) would keep the
+        EOF we wait for from ever coming. Parameters go in argv, the result in a file.
+        """
         params = {
             "hostname": self.tls.hostname,
             "cache_dir": str(self.tls.cache.dir),
@@ -578,29 +582,56 @@ class Renewer:
         }
         path = os.environ.get("PYTHONPATH")
         env = {**os.environ, "PYTHONPATH": _PACKAGE_PARENT + (os.pathsep + path if path else "")}
+        fd, result_path = tempfile.mkstemp(prefix="tt-autotls-", suffix=".json")
+        os.close(fd)
         try:
-            self._child = subprocess.Popen(
-                [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, env=env, text=True)
-            out, _ = self._child.communicate(json.dumps(params), timeout=CHILD_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._child.kill()
-            self._child.communicate()
-            return {"ok": False, "reason": "timeout", "serving": None,
-                    "error": f"no answer from the renewal process after {CHILD_TIMEOUT}s"}
-        except OSError as exc:
-            return {"ok": False, "reason": "error", "serving": None,
-                    "error": f"cannot start the renewal process: {exc}"}
+            try:
+                self._child = os.posix_spawn(
+                    sys.executable, [sys.executable, "-c", _CHILD, json.dumps(params),
+                                     result_path], env,
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)])
+            except OSError as exc:
+                return {"ok": False, "reason": "error", "serving": None,
+                        "error": f"cannot start the renewal process: {exc}"}
+            if not self._wait_child(CHILD_TIMEOUT):
+                self._end_child()
+                return {"ok": False, "reason": "timeout", "serving": None,
+                        "error": f"no answer from the renewal process after {CHILD_TIMEOUT}s"}
+            try:
+                result = json.loads(Path(result_path).read_text())
+            except (OSError, ValueError):
+                result = None
         finally:
             self._child = None
-        try:
-            result = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            result = None
+            with contextlib.suppress(OSError):
+                os.unlink(result_path)
         if not isinstance(result, dict) or "ok" not in result:
             return {"ok": False, "reason": "error", "serving": None,
                     "error": "the renewal process failed (see its traceback above)"}
         return result
+
+    def _wait_child(self, timeout: float) -> bool:
+        """Wait for the child to exit (True), or for stop() / the timeout (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _status = os.waitpid(self._child, os.WNOHANG)
+            except ChildProcessError:
+                return True  # gunicorn's SIGCHLD handler reaped it for us
+            if pid:
+                return True
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def _end_child(self) -> None:
+        pid = self._child
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
     def _run(self) -> None:
         delay = 0.0  # check at once: the cached certificate may be due already
@@ -626,14 +657,15 @@ class Renewer:
 
 
 def child_main() -> int:
-    """The renewal child process: one check for Renewer (JSON on stdin, one JSON line out)."""
+    """The renewal child process: one check for Renewer (argv: JSON parameters, result file)."""
     from .logs import setup_logging
 
-    params = json.load(sys.stdin)
+    params = json.loads(sys.argv[1])
     setup_logging(params.get("debug", False))
     tls = AutoTLS(params["hostname"], params["cache_dir"], ACMESettings(**params["acme"]),
                   renew_before_days=params["renew_before_days"])
-    print(json.dumps(check_and_renew(tls, params["check_interval"])), flush=True)
+    result = check_and_renew(tls, params["check_interval"])
+    Path(sys.argv[2]).write_text(json.dumps(result))
     return 0
 
 
