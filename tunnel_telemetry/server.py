@@ -104,9 +104,10 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,
     }
-    if config.certfile:
-        options["certfile"] = config.certfile
-        options["keyfile"] = config.keyfile
+    if config.autotls or config.certfile:
+        from .autotls import gunicorn_tls_options  # ACME/crypto imports only when needed
+
+        options.update(gunicorn_tls_options(config))
     return options
 
 
@@ -126,10 +127,26 @@ class Server(BaseApplication):
         return self.application
 
 
-def serve(config: Any, app: Any | None = None) -> None:
+def prepare_tls(config: Any) -> None:
+    """Before binding: get the autotls certificate (from cache or ACME) or check that
+    certfile/keyfile load. Raises AutoTLSError / TLSConfigError with a one-line message.
+    """
+    if config.autotls:
+        from .autotls import AutoTLS
+
+        AutoTLS.from_config(config).ensure()
+    elif config.certfile:
+        from .autotls import check_cert_pair
+
+        check_cert_pair(config.certfile, config.keyfile)
+
+
+def serve(config: Any, app: Any | None = None, tls_prepared: bool = False) -> None:
     """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
     if app is None:
         from . import create_app
 
         app = create_app(config)
+    if not tls_prepared:
+        prepare_tls(config)
     Server(app, gunicorn_options(config)).run()
