@@ -50,3 +50,12 @@ def test_fast_access_line_is_gunicorns(capsys):
 def test_fast_access_line_escapes_and_redacts(capsys, path, shown):
     assert access_line(ScrubbingLogger, path, capsys, datetime.timedelta(milliseconds=3)) == [
         f'[25/Nov/2026:01:00:00 +0000] "POST {shown} HTTP/1.1" 201 512 3ms']
+
+
+@pytest.mark.parametrize("flags, accesslog", [({}, "-"), ({"access-log": False}, None),
+                                              ({"access-log": "yes"}, "-")])
+def test_access_log_option(flags, accesslog):
+    from tunnel_telemetry.config import Config
+    from tunnel_telemetry.server import gunicorn_options
+
+    assert gunicorn_options(Config.from_mapping(flags))["accesslog"] == accesslog

@@ -90,7 +90,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "worker_class": "gthread",
         "threads": config.threads,
         "preload_app": True,
-        "accesslog": "-",
+        "accesslog": "-" if config.access_log else None,
         "errorlog": "-",
         "access_log_format": ACCESS_LOG_FORMAT,
         "logger_class": "tunnel_telemetry.server.ScrubbingLogger",
