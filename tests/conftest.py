@@ -1,15 +1,20 @@
+import os
 import uuid
 
 import pytest
 from click.testing import CliRunner
 
 from tunnel_telemetry import create_app
+from tunnel_telemetry.testing import postgres
 from tunnel_telemetry.testing.reports import iso, make_report  # noqa: F401
 from tunnel_telemetry.testing.server import TTServer
 
 
 @pytest.fixture
-def db_url(tmp_path):
+def db_url(tmp_path, request):
+    """The app's database: SQLite, or PostgreSQL for the whole suite with TT_TEST_BACKEND."""
+    if os.environ.get("TT_TEST_BACKEND") == "postgres":
+        return request.getfixturevalue("pg_url")
     return f"sqlite:///{tmp_path}/reports.db"
 
 
@@ -69,3 +74,9 @@ def geo_dbs(tmp_path_factory):
     write_country_db(country, {net: cc for net, (_, _, cc) in GEO_NETWORKS.items()})
     write_asn_db(asn, {net: (number, org) for net, (number, org, _) in GEO_NETWORKS.items()})
     return country, asn
+
+
+# PostgreSQL: one server per session (a throwaway cluster, or $TT_TEST_DATABASE_URL), one
+# fresh schema per test. Tests using them are skipped only when no PostgreSQL is found.
+postgres_server = pytest.fixture(scope="session")(postgres.postgres_server_fixture)
+pg_url = pytest.fixture(postgres.pg_url_fixture)

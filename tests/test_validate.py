@@ -189,3 +189,15 @@ def test_error_messages_do_not_echo_input():
     with pytest.raises(ReportError) as info:
         _check(make_report(time="2026-11-25T11:59:00Z", duration_ms="1.2.3.4" * 1000))
     assert all("1.2.3.4" not in e["message"] for e in info.value.errors)
+
+
+@pytest.mark.parametrize("fields, path", [
+    ({"config": {"a": "x\u0000y"}}, "$.config.a"),
+    ({"config": {"a\u0000": "x"}}, "$.config"),
+    ({"failure": {"op": "tcp.connect", "msg": "\u0000"}}, "$.failure.msg"),
+])
+def test_nul_characters_rejected_for_every_backend(fields, path):
+    with pytest.raises(ReportError) as info:
+        _check(make_report(time="2026-11-25T11:59:00Z", **fields))
+    assert info.value.code == "nul_character"
+    assert info.value.errors[0]["path"] == path

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -113,7 +114,8 @@ def test_version(client):
 def test_healthz(client):
     body = client.get("/healthz").get_json()
     assert body["ok"] is True
-    assert body["store"] == {"backend": "sqlite", "ok": True}
+    backend = "postgresql" if os.environ.get("TT_TEST_BACKEND") == "postgres" else "sqlite"
+    assert body["store"] == {"backend": backend, "ok": True}
     assert body["relay"]["backlog"] == {}
 
 
@@ -127,7 +129,9 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
     import sqlite3
 
     store = app.extensions["tunnel_telemetry"].store
-    conn = store._conn
+    if store.backend != "sqlite":
+        pytest.skip("fakes SQLite internals; PostgreSQL's 503s are in test_store*.py")
+    conn, lock = store._handles()
 
     class FullDisk:
         in_transaction = False
@@ -135,12 +139,12 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
         def execute(self, *args):
             raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(store._local, "conn", FullDisk())
+    monkeypatch.setattr(store._local, "handles", (FullDisk(), lock))
     resp = post(client, make_report())
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]
     assert resp.get_json()["ok"] is False
-    monkeypatch.setattr(store._local, "conn", conn)
+    monkeypatch.setattr(store._local, "handles", (conn, lock))
     assert store.count() == 0
 
 

@@ -69,6 +69,7 @@ def create_app(config: Any = None) -> Any:
     from .logs import setup_logging
     from .proxy import ProxyHeaders
     from .relay import build_relay
+    from .schema import prepare as prepare_schema
     from .store import open_store
     from .views import bp
 
@@ -80,6 +81,7 @@ def create_app(config: Any = None) -> Any:
 
     store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
+    prepare_schema()
     relay = build_relay(config, store)
     limits = build_limits(config)  # shared memory: made here, before gunicorn forks
 

@@ -12,6 +12,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG_FILE, OPTIONS, ConfigError, Option, load_config
 
 EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
 
 
 def _flag(opt: Option) -> Callable:
@@ -80,10 +81,52 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     ctx.meta["tt_server_flags"] = (config_path, flags)
     if ctx.invoked_subcommand is not None:
         return
-    from .server import serve
+    from .server import prepare_tls, serve
 
+    if config.autotls or config.certfile:
+        from .autotls import AutoTLSError, TLSConfigError
+        from .logs import setup_logging
+
+        setup_logging(config.debug)
+        try:  # before the app: a bad certificate pair is a config error (exit 2, one line)
+            prepare_tls(config)
+        except TLSConfigError as exc:
+            fail(str(exc))
+        except AutoTLSError as exc:
+            click.echo(f"tt-server: error: autotls: {exc}", err=True)
+            sys.exit(EXIT_RUNTIME)
     app = build_app(config)
-    serve(config, app)
+    serve(config, app, tls_prepared=True)
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Renew even when the certificate is not due.")
+@click.pass_obj
+def renew(config: Any, force: bool) -> None:
+    """Get or renew the autotls certificate now (the running server picks it up).
+
+    Uses the same options as the server (cache dir, ACME directory, HTTP-01 port); safe to
+    run while tt-server runs: issuance is serialised through a lock in autotls-cache-dir.
+    """
+    from .autotls import AutoTLS, AutoTLSError
+    from .logs import setup_logging
+
+    if not config.autotls:
+        fail("renew: autotls is off (use --autotls --hostname NAME)")
+    setup_logging(config.debug)
+    tls = AutoTLS.from_config(config)
+    before = tls.current()
+    try:
+        cert = tls.renew(force=force)
+    except AutoTLSError as exc:
+        click.echo(f"tt-server: error: autotls: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    if before is not None and cert.sha256 == before.sha256:
+        due_at = cert.not_after - cert.renew_window(config.renew_before_days)
+        click.echo(f"not due: {cert.describe()}; renewal from {due_at:%Y-%m-%d %H:%M} UTC "
+                   f"(--force to renew now)")
+    else:
+        click.echo(f"renewed: {cert.describe()} ({cert.path})")
 
 
 @main.command("relay")

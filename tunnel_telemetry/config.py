@@ -137,7 +137,8 @@ OPTIONS: tuple[Option, ...] = (
            "Header carrying the client address: X-Forwarded-For, Forwarded, X-Real-IP or any "
            "single-address header such as CF-Connecting-IP."),
     Option("database-url", "str", "sqlite:///tt-data/reports.db",
-           "Where reports and the relay queue live (sqlite:///relative or sqlite:////absolute).",
+           "Where reports and the relay queue live: sqlite:///relative, sqlite:////absolute or "
+           "postgresql://user:password@host/db (also postgres://; docs/postgres.md).",
            secret=True),
     Option("ooni-relay", "bool", False, "Relay reports to OONI's collector."),
     Option("ooni-api", "str", "https://api.ooni.io", "OONI collector base URL."),
@@ -165,6 +166,18 @@ OPTIONS: tuple[Option, ...] = (
            "Directory caching the ACME account key and certificates."),
     Option("acme-directory", "str", LETS_ENCRYPT,
            f"ACME directory URL (Let's Encrypt staging: {LETS_ENCRYPT_STAGING})."),
+    Option("acme-ca-bundle", "str", None,
+           "CA file trusted for the ACME directory's HTTPS (private ACME servers, pebble)."),
+    Option("acme-email", "str", None, "Contact e-mail for the ACME account (optional)."),
+    Option("acme-http-port", "int", 80,
+           "Port of the short-lived HTTP-01 challenge listener (on the listen host); the "
+           "CA connects to port 80, so change it only behind a port forward or for tests."),
+    Option("renew-before-days", "int", 30,
+           "Renew the autotls certificate when fewer than this many days remain (a third "
+           "of its lifetime for certificates shorter than that)."),
+    Option("autotls-check-interval", "duration", 12 * 3600.0,
+           "How often the server re-checks its certificate (e.g. 12h); failed renewals are "
+           "retried sooner, with back-off."),
     Option("certfile", "str", None, "Serve HTTPS with this certificate chain (PEM)."),
     Option("keyfile", "str", None, "Private key (PEM) for --certfile."),
     Option("max-report-age", "duration", 7 * 86400.0,
@@ -189,7 +202,11 @@ OPTIONS: tuple[Option, ...] = (
            "Time a client has to send a whole request, body included (slow clients are cut "
            "off with 408)."),
     Option("workers", "int", None, "Gunicorn worker processes (default: CPU count)."),
-    Option("threads", "int", 4, "Threads per gunicorn worker (gthread worker class)."),
+    # 32: requests waiting on the store's group commit or on a relay attempt hold a thread
+    # each; more of them make bigger commits and more relay attempts at once (docs/benchmarks.md).
+    Option("threads", "int", 32, "Threads per gunicorn worker (gthread worker class)."),
+    Option("access-log", "bool", True,
+           "Log one line per request (no addresses); costs ~8% CPU per report at high rates."),
     Option("debug", "bool", False, "Debug logging."),
 )
 
@@ -306,8 +323,34 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("collector-id: use 1-128 letters, digits, '.', ':', '_' or '-'")
     if config.autotls and not config.hostname:
         raise ConfigError("autotls: --hostname is required with --autotls")
+    if config.autotls:  # HOSTNAME is often set by the environment (containers): only check it here
+        try:
+            config = dataclasses.replace(config, hostname=check_hostname(config.hostname))
+        except ValueError as exc:
+            raise ConfigError(f"hostname: {exc}") from None
+        if "." not in config.hostname and config.acme_directory in (LETS_ENCRYPT,
+                                                                    LETS_ENCRYPT_STAGING):
+            raise ConfigError(f"hostname: {config.hostname!r} is not a fully qualified domain "
+                              "name (containers set HOSTNAME to their id: pass --hostname)")
     if bool(config.certfile) != bool(config.keyfile):
         raise ConfigError("certfile: --certfile and --keyfile go together")
+    if config.autotls and config.certfile:
+        raise ConfigError("certfile: use either --autotls or --certfile/--keyfile, not both")
+    for opt in ("certfile", "keyfile") + (("acme-ca-bundle",) if config.autotls else ()):
+        path = getattr(config, OPTION_BY_NAME[opt].attr)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{opt}: no such file: {path}")
+    if config.autotls:
+        if not re.match(r"^https?://[^\s/]+", config.acme_directory or ""):
+            raise ConfigError(f"acme-directory: not an http(s) URL: {config.acme_directory!r}")
+        if not 1 <= config.acme_http_port <= 65535:
+            raise ConfigError("acme-http-port: must be between 1 and 65535")
+        if not 1 <= config.renew_before_days <= 3650:
+            raise ConfigError("renew-before-days: must be between 1 and 3650")
+        if config.autotls_check_interval < 1:
+            raise ConfigError("autotls-check-interval: must be at least 1s")
+        if not config.autotls_cache_dir:
+            raise ConfigError("autotls-cache-dir: must not be empty")
     for url in (config.ooni_api, *config.relay_url):
         if not re.match(r"^https?://[^\s/]+", url):
             raise ConfigError(f"relay: not an http(s) URL: {url!r}")
@@ -344,6 +387,20 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
     host, port = split_listen(listen)
     return dataclasses.replace(config, listen=f"{host}:{port}" if ":" not in host
                                else f"[{host}]:{port}")
+
+
+_HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+
+
+def check_hostname(hostname: str) -> str:
+    """Lower-case a DNS name; reject what an HTTP-01 (autotls) certificate cannot name."""
+    name = hostname.strip().rstrip(".").lower()
+    if name.startswith("*."):
+        raise ValueError("wildcard names need DNS-01 validation; autotls uses HTTP-01")
+    if (len(name) > 253 or not _HOSTNAME.fullmatch(name)
+            or re.fullmatch(r"[\d.]+", name)):
+        raise ValueError(f"not a DNS host name: {hostname!r}")
+    return name
 
 
 def split_listen(listen: str) -> tuple[str, int]:

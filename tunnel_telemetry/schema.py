@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from functools import cache
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+
+try:  # optional: a compiled yes/no check, ~25x faster than jsonschema on valid reports
+    import fastjsonschema
+except ImportError:  # pragma: no cover - exercised by monkeypatching fast_check
+    fastjsonschema = None
 
 MAX_COLLECTED = 100
 MAX_PATH = 128
@@ -43,9 +49,40 @@ def validator(name: str = "report.schema.json") -> jsonschema.protocols.Validato
     return cls(document)
 
 
+@cache
+def fast_check(name: str = "report.schema.json") -> Callable[[Any], bool] | None:
+    """A compiled yes/no check of the named schema (fastjsonschema), or None without it.
+
+    fastjsonschema generates draft 7 code: the report schema uses only keywords that mean the
+    same there as in draft 2020-12. Only "valid" answers are trusted (jsonschema still
+    explains every rejection), and tests/test_schema.py checks both agree.
+    """
+    if fastjsonschema is None:
+        return None
+    compiled = fastjsonschema.compile(load_schema(name))
+
+    def check(instance: Any) -> bool:
+        try:
+            compiled(instance)
+        except fastjsonschema.JsonSchemaException:
+            return False
+        return True
+
+    return check
+
+
+def prepare(name: str = "report.schema.json") -> None:
+    """Build the validators now (at start-up, before gunicorn forks), not on a request."""
+    validator(name)
+    fast_check(name)
+
+
 def schema_errors(instance: Any, name: str = "report.schema.json",
                   limit: int = 20) -> list[dict[str, str]]:
     """Schema violations as [{"path": "$.time", "message": ...}], best first, messages short."""
+    check = fast_check(name)
+    if check is not None and check(instance):
+        return []
     # iter_errors is lazy: stop early so 8,000 bad config values cost 100 errors, not 16,000.
     found = islice(validator(name).iter_errors(instance), MAX_COLLECTED)
     errors = sorted(found, key=lambda e: (e.json_path, e.message))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -27,6 +28,36 @@ class ScrubbingLogger(GunicornLogger):
             for handler in logger.handlers:
                 if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                     handler.addFilter(RedactingFilter())
+
+    def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
+        """Log one request in ACCESS_LOG_FORMAT, built directly from the fields it names.
+
+        Gunicorn's generic version builds a dict of every header and environ key per request
+        (~10% of a report's CPU under load); any other format still goes through it.
+        """
+        if not self.cfg.accesslog or self.cfg.access_log_format != ACCESS_LOG_FORMAT:
+            super().access(resp, req, environ, request_time)
+            return
+        status = resp.status
+        if isinstance(status, str):
+            status = status.split(None, 1)[0]
+        millis = request_time.seconds * 1000 + request_time.microseconds // 1000
+        try:
+            self.access_log.info('%s "%s %s %s" %s %s %sms', self.now(),
+                                 environ.get("REQUEST_METHOD"),
+                                 _UNSAFE.sub(_escape, environ.get("PATH_INFO", "")),
+                                 environ.get("SERVER_PROTOCOL"), status,
+                                 getattr(resp, "sent", None), millis)
+        except Exception:  # noqa: BLE001 - as gunicorn: a log failure must not fail a request
+            self.error("access log failed")
+
+
+_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def _escape(match: re.Match) -> str:
+    """\\xNN for a quote, backslash or control character of a path (no forged log lines)."""
+    return f"\\x{ord(match.group(0)):02x}"
 
 
 def _services(worker: Any) -> Any:
@@ -73,7 +104,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "worker_class": "tunnel_telemetry.worker.CollectorWorker",
         "threads": config.threads,
         "preload_app": True,
-        "accesslog": "-",
+        "accesslog": "-" if config.access_log else None,
         "errorlog": "-",
         "access_log_format": ACCESS_LOG_FORMAT,
         "logger_class": "tunnel_telemetry.server.ScrubbingLogger",
@@ -88,9 +119,10 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,
     }
-    if config.certfile:
-        options["certfile"] = config.certfile
-        options["keyfile"] = config.keyfile
+    if config.autotls or config.certfile:
+        from .autotls import gunicorn_tls_options  # ACME/crypto imports only when needed
+
+        options.update(gunicorn_tls_options(config))
     return options
 
 
@@ -110,10 +142,26 @@ class Server(BaseApplication):
         return self.application
 
 
-def serve(config: Any, app: Any | None = None) -> None:
+def prepare_tls(config: Any) -> None:
+    """Before binding: get the autotls certificate (from cache or ACME) or check that
+    certfile/keyfile load. Raises AutoTLSError / TLSConfigError with a one-line message.
+    """
+    if config.autotls:
+        from .autotls import AutoTLS
+
+        AutoTLS.from_config(config).ensure()
+    elif config.certfile:
+        from .autotls import check_cert_pair
+
+        check_cert_pair(config.certfile, config.keyfile)
+
+
+def serve(config: Any, app: Any | None = None, tls_prepared: bool = False) -> None:
     """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
     if app is None:
         from . import create_app
 
         app = create_app(config)
+    if not tls_prepared:
+        prepare_tls(config)
     Server(app, gunicorn_options(config)).run()

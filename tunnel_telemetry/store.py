@@ -2,20 +2,28 @@
 
 ``open_store(url)`` picks the backend from the URL scheme. The SQLite backend is the embedded
 default: WAL mode, one connection per process and thread (opened lazily, so it is safe across
-gunicorn's fork), ``synchronous=FULL`` so a 201 means the report is on disk.
+gunicorn's fork), ``synchronous=FULL`` so a 201 means the report is on disk (``NORMAL`` would
+survive a crash of the process but not of the machine: the last commits before a power loss
+would be gone although acknowledged).
+
+Each commit costs an fsync (about 1 ms on a typical disk), so concurrent ``add`` calls of one
+process are group-committed: one thread writes everything queued in one transaction while the
+others wait for that commit, and each caller returns only after the commit holding its report.
+Durability is unchanged (every 201 still follows its own fsynced commit); the fsync is shared.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -24,6 +32,11 @@ from .errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "delivered", "failed", "expired", "skipped")
+_FORK_LOCK = threading.Lock()
+# Writers queue on an flock of this file (beside the database) before taking SQLite's write
+# lock: the kernel wakes the next one at once, where SQLite's busy handler sleeps and polls
+# (1, 2, 5, 10 ... 100 ms), which left the lock idle and made p99 latency hundreds of ms.
+WRITER_LOCK_SUFFIX = "-writer.lock"
 
 
 class StoreError(Exception):
@@ -104,7 +117,62 @@ CREATE TABLE IF NOT EXISTS relays (
     PRIMARY KEY (uuid, destination)
 );
 CREATE INDEX IF NOT EXISTS relays_due ON relays (destination, state, next_attempt);
+-- claim() walks pending relays oldest first and stops at its LIMIT (no sort of the backlog).
+CREATE INDEX IF NOT EXISTS relays_oldest ON relays (destination, state, created);
 """
+
+
+@dataclass
+class _Write:
+    """One queued write: ``run(conn)`` inside a group transaction, then its outcome."""
+
+    run: Callable[[sqlite3.Connection], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Leader/follower group commit for one process.
+
+    The first writer to arrive becomes the leader and commits everything queued in one
+    transaction; writers arriving meanwhile queue up, and the first of them leads the next
+    transaction. No thread of its own (nothing to restart after fork), no added delay when
+    idle: a batch is whatever arrived during the previous commit.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: list[_Write] = []
+        self.leading = False
+
+    def submit(self, write: _Write, commit: Callable[[list[_Write]], None]) -> Any:
+        with self.lock:
+            self.queue.append(write)
+            lead = not self.leading
+            self.leading = True
+        if not lead:
+            write.done.wait()
+            lead = write.lead
+        if lead:
+            with self.lock:
+                batch, self.queue = self.queue, []
+            try:
+                commit(batch)
+            finally:
+                with self.lock:
+                    if self.queue:  # hand over: the next leader commits what queued meanwhile
+                        self.queue[0].lead = True
+                        self.queue[0].done.set()
+                    else:
+                        self.leading = False
+                for item in batch:
+                    item.lead = False
+                    item.done.set()
+        if write.error is not None:
+            raise write.error
+        return write.result
 
 
 class SQLiteStore:
@@ -116,6 +184,7 @@ class SQLiteStore:
         self.path = path
         self.busy_timeout = busy_timeout
         self._local = threading.local()
+        self._opened: list[tuple[int, sqlite3.Connection, int]] = []
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -138,41 +207,88 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
 
-    @property
-    def _conn(self) -> sqlite3.Connection:
+    def _handles(self) -> tuple[sqlite3.Connection, int]:
+        """This thread's connection and writer-lock file descriptor (opened on first use)."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
             local.file = _file_id(self.path)  # before connecting: a later swap is caught
-            local.conn = self._connect()
-            local.pid = os.getpid()
-        return local.conn
+            conn = self._connect()
+            lock = os.open(self.path + WRITER_LOCK_SUFFIX,
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            local.handles, local.pid = (conn, lock), os.getpid()
+            with _FORK_LOCK:
+                self._opened.append((os.getpid(), conn, lock))
+        return local.handles
 
-    def _checked_conn(self) -> sqlite3.Connection:
-        """The connection, if the file it has open is still the one at ``path``.
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        return self._handles()[0]
+
+    def _checked_handles(self) -> tuple[sqlite3.Connection, int]:
+        """This thread's handles, if the file they have open is still the one at ``path``.
 
         An open SQLite file that is deleted or replaced keeps working through its descriptor:
         reports written there are acknowledged and then lost. Checked before every write (one
-        stat); the connection is dropped so the next one opens whatever is there now.
+        stat); the handles are dropped so the next use opens whatever is there now.
         """
-        conn = self._conn
+        handles = self._handles()
         if _file_id(self.path) != self._local.file:
-            local = self._local
-            local.pid = None
+            conn, lock = handles
+            with _FORK_LOCK:
+                self._opened = [h for h in self._opened if h[1] is not conn]
+            self._local.pid = None
             try:
-                local.conn.close()
+                conn.close()
             except sqlite3.Error:
                 pass
+            os.close(lock)
             raise sqlite3.OperationalError("database file missing or replaced")
-        return conn
+        return handles
+
+    @property
+    def _group(self) -> _GroupCommit:
+        """This process's group commit (a new one after fork: locks do not survive it)."""
+        group = self.__dict__.get("_group_state")
+        if group is None or group[0] != os.getpid():
+            with _FORK_LOCK:
+                group = self.__dict__.get("_group_state")
+                if group is None or group[0] != os.getpid():
+                    group = (os.getpid(), _GroupCommit())
+                    self.__dict__["_group_state"] = group
+        return group[1]
+
+    def _grouped(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``run(conn)`` in a transaction shared with concurrent writers; its result."""
+        return self._group.submit(_Write(run), self._commit_batch)
+
+    def _commit_batch(self, batch: list[_Write]) -> None:
+        """Commit a batch in one transaction; if it fails, each write alone (one bad write
+        must not fail the others)."""
+        try:
+            with self._tx() as conn:
+                for item in batch:
+                    item.result = item.run(conn)
+            return
+        except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
+            if len(batch) == 1:
+                batch[0].result, batch[0].error = None, exc
+                return
+        for item in batch:
+            try:
+                with self._tx() as conn:
+                    item.result = item.run(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
+                item.result, item.error = None, exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """An immediate (write-locking) transaction; any SQLite error becomes a 503."""
         try:
-            conn = self._checked_conn()
+            conn, lock = self._checked_handles()
         except sqlite3.Error as exc:
             log.error("store error: %s %s", type(exc).__name__, sqlite_reason(exc))
             raise StoreUnavailable("store_error") from None
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -189,6 +305,8 @@ class SQLiteStore:
                 except sqlite3.Error:  # e.g. an I/O error again: SQLite rolls back on reopen
                     log.error("store error: rollback failed")
             raise StoreUnavailable("store_error") from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
             lease_owner: str | None = None,
@@ -199,24 +317,28 @@ class SQLiteStore:
         the caller can attempt them at once without another process claiming them too.
         """
         now = time.time()
+        uuid, body = report["uuid"], _dumps(report)
         lease_until = now + lease_seconds if lease_owner else None
-        with self._tx() as conn:
+        relays = [(uuid, dest, now, now, lease_owner, lease_until) for dest in destinations]
+
+        def insert(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
             cur = conn.execute(
                 "INSERT INTO reports (uuid, received, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (uuid) DO NOTHING",
-                (report["uuid"], now, _dumps(report)),
+                (uuid, now, body),
             )
             if cur.rowcount == 0:
-                row = conn.execute("SELECT body FROM reports WHERE uuid = ?",
-                                   (report["uuid"],)).fetchone()
+                row = conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
                 return json.loads(row[0]), False
-            conn.executemany(
-                "INSERT INTO relays (uuid, destination, created, next_attempt, lease_owner, "
-                "lease_until) VALUES (?, ?, ?, ?, ?, ?)",
-                [(report["uuid"], dest, now, now, lease_owner, lease_until)
-                 for dest in destinations],
-            )
-        return report, True
+            if relays:
+                conn.executemany(
+                    "INSERT INTO relays (uuid, destination, created, next_attempt, lease_owner, "
+                    "lease_until) VALUES (?, ?, ?, ?, ?, ?)",
+                    relays,
+                )
+            return report, True
+
+        return self._grouped(insert)
 
     def get(self, uuid: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
@@ -242,7 +364,9 @@ class SQLiteStore:
             rows = conn.execute(
                 "SELECT r.uuid, p.body, r.attempts, r.created FROM relays r "
                 "JOIN reports p ON p.uuid = r.uuid "
-                "WHERE r.destination = ? AND r.state = 'pending' AND r.next_attempt <= ? "
+                # "+" keeps the planner on relays_oldest: with relays_due it sorted the whole
+                # backlog per claim (100 ms at 100,000 pending, 0.02 ms this way).
+                "WHERE r.destination = ? AND r.state = 'pending' AND +r.next_attempt <= ? "
                 "AND (r.lease_until IS NULL OR r.lease_until < ?) "
                 "ORDER BY r.created LIMIT ?",
                 (destination, due, now, limit),
@@ -265,14 +389,15 @@ class SQLiteStore:
         """
         if state not in STATES:
             raise ValueError(f"unknown relay state {state!r}")
-        with self._tx() as conn:
+        result_text = _dumps(result) if result is not None else None
+
+        def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE relays SET state = ?, attempts = attempts + 1, last_error = ?, "
                 "result = COALESCE(?, result), next_attempt = COALESCE(?, next_attempt), "
                 "lease_owner = NULL, lease_until = NULL "
                 "WHERE uuid = ? AND destination = ? AND lease_owner = ? AND state = 'pending'",
-                (state, error, _dumps(result) if result is not None else None, next_attempt,
-                 uuid, destination, owner),
+                (state, error, result_text, next_attempt, uuid, destination, owner),
             )
             if cur.rowcount != 1:
                 return False
@@ -283,19 +408,24 @@ class SQLiteStore:
                 conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (_dumps(body), uuid))
             return True
 
+        return self._grouped(update)  # relay outcomes share commits with reports
+
     def release(self, uuids: list[str], destination: str, owner: str,
                 next_attempt: float | None = None) -> int:
         """Give leased relays back unattempted (attempts unchanged); returns how many."""
         if not uuids:
             return 0
-        with self._tx() as conn:
-            cur = conn.executemany(
+        rows = [(next_attempt, uuid, destination, owner) for uuid in uuids]
+
+        def update(conn: sqlite3.Connection) -> int:
+            return conn.executemany(
                 "UPDATE relays SET lease_owner = NULL, lease_until = NULL, "
                 "next_attempt = COALESCE(?, next_attempt) "
                 "WHERE uuid = ? AND destination = ? AND lease_owner = ? AND state = 'pending'",
-                [(next_attempt, uuid, destination, owner) for uuid in uuids],
-            )
-            return cur.rowcount
+                rows,
+            ).rowcount
+
+        return self._grouped(update)
 
     def make_due(self, destination: str, now: float | None = None) -> int:
         """Make every pending relay to ``destination`` due now, whatever its backoff."""
@@ -347,16 +477,22 @@ class SQLiteStore:
 
     def ping(self) -> bool:
         try:
-            self._checked_conn().execute("SELECT 1 FROM reports LIMIT 1").fetchall()
+            self._checked_handles()[0].execute("SELECT 1 FROM reports LIMIT 1").fetchall()
         except sqlite3.Error:
             return False
         return True
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+        """Close every connection this process opened (any thread's); a parent's, inherited
+        through fork, are left alone."""
+        pid = os.getpid()
+        with _FORK_LOCK:
+            mine = [h for h in self._opened if h[0] == pid]
+            self._opened = [h for h in self._opened if h[0] != pid]
+            self._local = threading.local()
+        for _, conn, lock in mine:
             conn.close()
-        self._local = threading.local()
+            os.close(lock)
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
@@ -410,14 +546,18 @@ def sqlite_options(url: str) -> dict[str, float]:
 
 def open_store(url: str) -> Store:
     """Open the backend named by the URL scheme; StoreError with one line when it cannot."""
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise StoreError("database-url: not a valid URL") from None
     if scheme == "sqlite":
         return SQLiteStore(sqlite_path(url), **sqlite_options(url))
     if scheme in ("postgres", "postgresql"):
         try:
             from .store_pg import PostgresStore  # noqa: PLC0415 - optional backend
         except ImportError:
-            raise StoreError("database-url: PostgreSQL support is not installed") from None
+            raise StoreError("database-url: PostgreSQL support is not installed: "
+                             "pip install 'tunnel-telemetry[postgres]'") from None
         return PostgresStore(url)
     raise StoreError(f"database-url: unsupported scheme {scheme or '(none)'!r}; "
                      "use sqlite:/// or postgresql://")

@@ -255,7 +255,25 @@ def validate(
     for key in ("client_asn", "client_cc"):
         if key in payload:
             report[key] = payload[key]
+    nul = _nul_path(report, "$")
+    if nul is not None:
+        raise ReportError("nul_character", "the report contains a NUL character (\\u0000)",
+                          [{"path": nul, "message": "must not contain NUL characters"}])
     return report, endpoint
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    """JSON path of the first string (key or value) holding U+0000; no store can keep one."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return path
+            found = _nul_path(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    return None
 
 
 def _failure(value: dict[str, Any] | None) -> dict[str, str] | None:

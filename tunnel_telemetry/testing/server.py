@@ -26,11 +26,15 @@ class TTServer:
 
     def __init__(self, workdir: str | os.PathLike, args: list[str] | None = None,
                  env: dict[str, str] | None = None, port: int | None = None,
-                 command: list[str] | None = None, cwd: str | os.PathLike | None = None) -> None:
+                 command: list[str] | None = None, cwd: str | os.PathLike | None = None,
+                 scheme: str = "http", host: str = "127.0.0.1",
+                 verify: bool | str = True) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # HTTPS: `host` is a name the certificate covers, `verify` a CA file that trusts it.
+        self.url = f"{scheme}://{host}:{self.port}"
+        self.verify = verify
         self.args = list(args or [])
         self.command = command
         self.cwd = Path(cwd) if cwd else self.workdir
@@ -60,7 +64,7 @@ class TTServer:
                 raise RuntimeError(f"tt-server exited with {self.proc.returncode}: "
                                    f"{self.logs()[-2000:]}")
             try:
-                with requests.get(self.url + "/healthz", timeout=1) as resp:
+                with requests.get(self.url + "/healthz", timeout=1, verify=self.verify) as resp:
                     if resp.status_code in (200, 503):
                         return
             except requests.RequestException:
