@@ -163,7 +163,7 @@ def test_bad_limit_options(options, message):
 def test_defaults_are_on():
     config = Config.from_mapping({})
     assert (config.rate_limit, config.rate_limit_burst, config.max_in_flight,
-            config.max_in_flight_per_client) == (120, 60, 64, 2)
+            config.max_in_flight_per_client) == (120, 60, 256, 2)
     assert (config.header_timeout, config.request_timeout) == (10.0, 30.0)
 
 
@@ -381,3 +381,29 @@ def test_close_in_a_forked_worker_leaves_the_table_usable(limits):
         result.close()
         result.join_thread()
     limit.release(limit.admit("192.0.2.1"))
+
+
+@pytest.mark.e2e
+def test_a_client_slot_covers_the_upload_not_the_relay_wait(tt_server):
+    """Many clients behind one NAT: a request waiting on a slow relay holds no client slot."""
+    from tunnel_telemetry.testing.fake_ooni import FakeOONI
+
+    with FakeOONI(latency=1.0) as fake:
+        server = tt_server("--workers", "1", "--proxy-hops", "1", "--rate-limit", "0",
+                           "--max-in-flight-per-client", "1", "--ooni-relay", "--ooni-api",
+                           fake.url, "--relay-timeout", "3s")
+        results = []
+
+        def send():
+            with requests.post(server.url + "/report", timeout=10,
+                               json=make_report(client_asn="AS30722", client_cc="IT"),
+                               headers={"X-Forwarded-For": "192.0.2.77"}) as resp:
+                results.append((resp.status_code, "ooni-measurement-id" in resp.json()))
+
+        threads = [threading.Thread(target=send) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)  # each arrives while the previous waits on OONI
+        for thread in threads:
+            thread.join()
+        assert results == [(201, True)] * 3

@@ -190,11 +190,11 @@ OPTIONS: tuple[Option, ...] = (
            "Retry-After (0: off)."),
     Option("rate-limit-burst", "int", 60,
            "POST requests a client may send at once before rate-limit applies."),
-    Option("max-in-flight", "int", 64,
-           "POST requests in progress at once across all workers; more get 503 with "
-           "Retry-After (0: off)."),
+    Option("max-in-flight", "int", 256,
+           "POST requests in progress at once across all workers (waits on the relay and the "
+           "store included); more get 503 with Retry-After (0: off)."),
     Option("max-in-flight-per-client", "int", 2,
-           "POST requests one client address may have in progress in one worker process "
+           "Request bodies one client address may be sending to one worker process at once "
            "(a slow upload holds a thread); more get 429 (0: off)."),
     Option("header-timeout", "duration", 10.0,
            "Time a client has, from its first byte, to send the request line and headers."),

@@ -197,7 +197,7 @@ def _alive(pid: int) -> bool:
 
 
 class ClientInFlight:
-    """Requests one client has in progress in this process (a slow upload holds a thread)."""
+    """Bodies one client is sending to this process at once (a slow upload holds a thread)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -280,10 +280,15 @@ class Limits:
             ticket.global_slot = True
         return ticket
 
-    def release(self, ticket: Ticket) -> None:
+    def release_client(self, ticket: Ticket) -> None:
+        """The body is in: a client's slot guards uploads, not the processing that follows
+        (relay waits, store contention), which many clients behind one NAT may share."""
         if ticket.client_slot and self.client_inflight is not None:
             self.client_inflight.leave(ticket.client)
             ticket.client_slot = False
+
+    def release(self, ticket: Ticket) -> None:
+        self.release_client(ticket)
         if ticket.global_slot and self.inflight is not None:
             self.inflight.leave()
             ticket.global_slot = False
@@ -335,3 +340,12 @@ def init_app(app: Any, limits: Limits) -> None:
         ticket = g.pop("tt_ticket", None)
         if ticket is not None:
             limits.release(ticket)
+
+
+def body_read() -> None:
+    """Called by the view once the request body is read: give back the client's slot."""
+    from flask import current_app, g
+
+    ticket = g.get("tt_ticket")
+    if ticket is not None:
+        current_app.extensions["tunnel_telemetry"].limits.release_client(ticket)

@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 from . import __version__
 from .enrich import enrich
 from .errors import ReportError
+from .limits import body_read
 from .proxy import ENVIRON_KEY
 from .relay import MAX_BATCH, check_token, receive_batch
 from .schema import load_schema
@@ -47,18 +48,21 @@ def read_json_body(limit: int) -> Any:
     # at limit + 1 bytes so an oversized or endless body is never read to its end.
     chunks: list[bytes] = []
     size = 0
-    while size <= limit:
-        try:
-            chunk = request.stream.read(limit + 1 - size)
-        except HTTPException:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the server's body reader: bad chunking etc.
-            log.info("unreadable body: %s", type(exc).__name__)
-            raise ReportError("bad_body", "the request body could not be read") from None
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+    try:
+        while size <= limit:
+            try:
+                chunk = request.stream.read(limit + 1 - size)
+            except HTTPException:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the server's body reader: bad chunking
+                log.info("unreadable body: %s", type(exc).__name__)
+                raise ReportError("bad_body", "the request body could not be read") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        body_read()
     if size > limit:
         raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
     if length is not None and size != length:
