@@ -259,6 +259,7 @@ class CollectorSender:
 class _Hold:
     until: float = 0.0
     failures: int = 0
+    since: float = 0.0  # when the last failure was recorded
 
 
 @dataclass
@@ -489,12 +490,13 @@ class Relay:
         """
         if not claims:
             return set(), False
+        started = time.time()
         outcomes = ps.senders[dest].send([c.report for c in claims],
                                          self.config.relay_attempt_timeout, stop)
         for claim in claims:
             outcome = outcomes.get(claim.uuid)
             if outcome is not None:
-                self._record(ps, dest, claim.uuid, claim.attempts, outcome)
+                self._record(ps, dest, claim.uuid, claim.attempts, outcome, started)
                 _tally(counts, outcome)
         return set(outcomes), any(is_destination_failure(o) for o in outcomes.values())
 
@@ -547,6 +549,7 @@ class Relay:
         """
         if stop():
             return claim.uuid, None
+        started = time.time()
         try:
             outcome = ps.senders[dest].send([claim.report], self.config.relay_attempt_timeout,
                                             ps.stop.is_set).get(claim.uuid)
@@ -556,7 +559,7 @@ class Relay:
         if outcome is None:
             return claim.uuid, None
         try:
-            self._record(ps, dest, claim.uuid, claim.attempts, outcome)
+            self._record(ps, dest, claim.uuid, claim.attempts, outcome, started)
         except Exception as e:  # noqa: BLE001 - the lease expires and the report is retried
             log.error("relay: could not record the outcome for %s: %s", dest,
                       getattr(e, "code", type(e).__name__))
@@ -631,6 +634,7 @@ class Relay:
             # Too late to finish inside the lease: leave the report to the retry loop.
             self.store.release([uuid], dest, ps.owner)
             return Outcome.retry("relay-busy", "no time left for a first attempt")
+        started = time.time()
         try:
             outcomes = ps.senders[dest].send([report], self.config.relay_attempt_timeout,
                                              ps.stop.is_set)
@@ -639,7 +643,7 @@ class Relay:
             log.error("relay: %s sender error: %s", dest, type(e).__name__)
             outcome = Outcome.retry("internal-error")
         try:
-            self._record(ps, dest, uuid, 0, outcome)
+            self._record(ps, dest, uuid, 0, outcome, started)
         except ReportError as e:  # the store is unavailable: the lease expires, retried later
             log.error("relay: could not record the outcome for %s: %s", dest, e.code)
         return outcome
@@ -647,20 +651,25 @@ class Relay:
     # -- outcomes ----------------------------------------------------------------------------
 
     def _record(self, ps: _Process, dest: str, uuid: str, attempts: int,
-                outcome: Outcome) -> bool:
-        """Write an outcome to the store (and adjust the destination's backoff)."""
+                outcome: Outcome, started: float | None = None) -> bool:
+        """Write an outcome to the store (and adjust the destination's backoff).
+
+        ``started``: when the attempt began; attempts that were already running when the
+        destination last failed neither end its backoff nor lengthen it (they overlapped).
+        """
         now = time.time()
+        started = now if started is None else started
         cfg = self.config
         if outcome.state == PENDING:
             delay = backoff(attempts, cfg.relay_retry_min, cfg.relay_retry_max)
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
             if is_destination_failure(outcome):
-                self._hold(ps, dest, outcome)
+                self._hold(ps, dest, outcome, started)
             ok = self.store.finish(uuid, dest, ps.owner, PENDING, error=outcome.describe(),
                                    next_attempt=now + delay)
         elif outcome.state == DELIVERED:
-            self._clear_hold(ps, dest)
+            self._clear_hold(ps, dest, started)
             ok = self.store.finish(uuid, dest, ps.owner, DELIVERED, result=outcome.result or None,
                                    report_fields=ps.senders[dest].report_fields(outcome))
         else:
@@ -676,20 +685,24 @@ class Relay:
             hold = ps.holds.get(dest)
             return hold.until if hold else 0.0
 
-    def _hold(self, ps: _Process, dest: str, outcome: Outcome) -> None:
+    def _hold(self, ps: _Process, dest: str, outcome: Outcome, started: float) -> None:
         cfg = self.config
         with ps.lock:
             hold = ps.holds.setdefault(dest, _Hold())
-            hold.failures += 1
+            if started >= hold.since:  # not one of several attempts failing together
+                hold.failures += 1
             delay = backoff(hold.failures - 1, cfg.relay_retry_min, cfg.relay_retry_max)
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
             hold.until = max(hold.until, time.time() + delay)
+            hold.since = time.time()
 
     @staticmethod
-    def _clear_hold(ps: _Process, dest: str) -> None:
+    def _clear_hold(ps: _Process, dest: str, started: float) -> None:
         with ps.lock:
-            ps.holds.pop(dest, None)
+            hold = ps.holds.get(dest)
+            if hold is not None and started >= hold.since:
+                del ps.holds[dest]
 
     # -- answers -----------------------------------------------------------------------------
 
