@@ -30,10 +30,10 @@ from tunnel_telemetry.autotls import (
     check_cert_pair,
     ensure_private_dir,
     retry_delays,
-    write_private,
 )
 from tunnel_telemetry.cli import main
 from tunnel_telemetry.config import Config, ConfigError, check_hostname, load_config
+from tunnel_telemetry.files import write_private
 from tunnel_telemetry.testing.pebble import Pebble, pebble_missing, write_listener_cert
 from tunnel_telemetry.testing.server import free_port
 
@@ -195,31 +195,6 @@ def test_private_dir_created_0700_and_tightened(tmp_path):
     os.chmod(loose, 0o755)
     ensure_private_dir(loose)
     assert mode(loose) == 0o700
-
-
-def test_write_private_is_atomic_and_0600(tmp_path):
-    target = tmp_path / "k.pem"
-    target.write_bytes(b"old")
-    os.chmod(target, 0o644)
-    inode = os.stat(target).st_ino
-    write_private(target, b"new")
-    assert target.read_bytes() == b"new" and mode(target) == 0o600
-    assert os.stat(target).st_ino != inode  # replaced by rename, never rewritten in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pem"]  # no temp file left
-
-
-def test_write_private_failure_leaves_old_file(tmp_path, monkeypatch):
-    target = tmp_path / "k.pem"
-    target.write_bytes(b"old")
-
-    def broken_replace(src, dst):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        write_private(target, b"new")
-    assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pem"]
 
 
 def test_cache_roundtrip(tmp_path):

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from . import __version__
 from .config import LETS_ENCRYPT, check_hostname, split_listen
+from .files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +78,6 @@ def ensure_private_dir(path: Path) -> None:
             log.info("autotls: tightened %s to mode 0700", path)
         else:
             log.warning("autotls: %s is readable by other users (keys are 0600)", path)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically (temp file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:  # mkstemp creates the file 0600
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _private_key_pem(key: Any) -> bytes:

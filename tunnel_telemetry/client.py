@@ -27,7 +27,6 @@ import os
 import random
 import re
 import socket
-import tempfile
 import threading
 import time as _time
 import uuid as _uuid
@@ -43,6 +42,7 @@ import requests
 
 from . import __version__
 from . import schema as _schema
+from .files import write_private
 from .validate import Endpoint
 from .validate import parse_endpoint as _collector_parse_endpoint
 from .validate import parse_time as _collector_parse_time
@@ -405,7 +405,7 @@ class Spool:
         if not target.exists():
             self._make_room()
         data = json.dumps(report, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        _atomic_write(target, data)
+        write_private(target, data)
         return target
 
     def _make_room(self) -> None:
@@ -444,7 +444,7 @@ class Spool:
         self.rejected_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = self.rejected_dir / path.name
         os.replace(path, target)
-        _atomic_write(target.with_suffix(".reason"), (reason + "\n").encode("utf-8"))
+        write_private(target.with_suffix(".reason"), (reason + "\n").encode("utf-8"))
         return target
 
     def clean_temporary(self, older_than: float = 3600.0) -> int:
@@ -459,34 +459,6 @@ class Spool:
                     p.unlink()
                     removed += 1
         return removed
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- delivery
