@@ -122,6 +122,8 @@ def test_every_option_has_help():
     ({"relay-retry-min": "2h", "relay-retry-max": "1h"}, "relay-retry-min"),
     ({"relay-max-age": "0"}, "relay-max-age"),
     ({"relay-batch": "101"}, "relay-batch"),
+    ({"relay-concurrency": "0"}, "relay-concurrency"),
+    ({"relay-concurrency": "257"}, "relay-concurrency"),
     ({"relay-url": ("https://user:pw@b.example",), "relay-token": "a-long-enough-token"},
      "no credentials"),
     ({"ooni-api": "https://k@api.example"}, "no credentials"),

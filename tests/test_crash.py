@@ -11,13 +11,14 @@ import uuid
 import pytest
 import requests
 
-from tunnel_telemetry.relay import POOL_THREADS
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 
 pytestmark = pytest.mark.e2e
 
 IT = {"client_asn": "AS30722", "client_cc": "IT"}
+THREADS = 4  # first attempts: a pool of threads x destinations per worker
+LOOP_CONCURRENCY = 4  # the retry loop's submissions in flight per worker
 
 
 class Load:
@@ -86,7 +87,8 @@ def wait_for(predicate, timeout, interval=0.1):
 
 def test_sigkill_workers_and_master_under_load(tt_server):
     with FakeOONI(latency=0.02) as fake:
-        server = tt_server("--workers", "2", "--threads", "4", "--ooni-relay",
+        server = tt_server("--workers", "2", "--threads", str(THREADS), "--ooni-relay",
+                           "--relay-concurrency", str(LOOP_CONCURRENCY),
                            "--ooni-api", fake.url, "--relay-timeout", "0",
                            "--relay-attempt-timeout", "1s", "--relay-interval", "100ms",
                            "--relay-retry-min", "100ms", "--relay-retry-max", "500ms")
@@ -152,7 +154,7 @@ def test_sigkill_workers_and_master_under_load(tt_server):
         assert set(delivered) <= set(stored)
         # A duplicate is a report whose relay a kill interrupted: OONI had taken it (its first
         # copy arrived around the kill) but the killed process never recorded that. A worker
-        # has up to POOL_THREADS attempts in flight plus its retry loop's one.
+        # has up to THREADS first attempts and LOOP_CONCURRENCY retries in flight.
         first_seen = {}
         for measurement in fake.measurements:
             first_seen.setdefault(measurement.uuid, measurement.received)
@@ -161,7 +163,8 @@ def test_sigkill_workers_and_master_under_load(tt_server):
             assert copies == 2, (report_uuid, copies)
             assert any(at - 2.0 <= first_seen[report_uuid] <= at + 1.0 for at, _ in kills), (
                 "a duplicate that no kill explains")
-        assert len(duplicates) <= sum(n for _, n in kills) * (POOL_THREADS + 1), duplicates
+        assert len(duplicates) <= sum(n for _, n in kills) * (THREADS + LOOP_CONCURRENCY), (
+            duplicates)
         # The only refusals: a submission cut in half by a kill, a report closed meanwhile.
         assert all(r.startswith(("submit 400: body is not JSON", "submit 404"))
                    for r in fake.rejections()), fake.rejections()

@@ -354,7 +354,7 @@ def test_ooni_down_slow_and_garbage_then_back_drains_oldest_first_without_duplic
     server = tt_server("--workers", "1", "--ooni-relay", "--ooni-api", f"http://127.0.0.1:{port}",
                        "--relay-timeout", "200ms", "--relay-attempt-timeout", "2s",
                        "--relay-interval", "100ms", "--relay-retry-min", "100ms",
-                       "--relay-retry-max", "500ms")
+                       "--relay-retry-max", "500ms", "--relay-concurrency", "1")
     posted = []
 
     def post_some(n, expect):

@@ -49,8 +49,9 @@ def make_app(tmp_path, fake):
     apps = []
 
     def make(name="a", **options):
+        # All test clients are 127.0.0.1: per-client rate limiting off (test_limits.py has it).
         config = {"database-url": f"sqlite:///{tmp_path}/{name}.db", "collector-id": f"col-{name}",
-                  "ooni-relay": True, "ooni-api": fake.url, **SLOW, **options}
+                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0, **SLOW, **options}
         app = create_app(config)
         apps.append(app)
         return app
@@ -659,8 +660,119 @@ def test_relay_once_with_relay_off(runner, tmp_path, backlog):
     assert "ooni: 2 pending, but this destination is no longer configured" in result.output
 
 
+# -- retry loop: concurrent batches ---------------------------------------------------------------
+
+def pending_backlog(app, fake, n):
+    """``n`` reports pending for OONI (OONI was down when they came); the fake's records reset."""
+    fake.fail(503)
+    bodies = [post(app) for _ in range(n)]
+    assert {b["relay"]["ooni"] for b in bodies} == {"pending"}
+    fake.reset()
+    return [b["uuid"] for b in bodies]
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_retry_loop_sends_a_claimed_batch_concurrently(make_app, fake, concurrency):
+    app = make_app(**{"relay-concurrency": str(concurrency)})
+    uuids = pending_backlog(app, fake, 40)
+    fake.set_latency(0.02)
+    summary = svc(app).relay.run_once(now_all=True)
+    assert summary["ooni"] == {"delivered": 40}
+    s = fake.stats()
+    assert (s["uuids"], s["duplicates"], s["opens"]) == (40, 0, 1)
+    assert set(fake.uuids()) == set(uuids)
+    if concurrency == 1:
+        assert s["max_in_flight"] == 1
+    else:
+        assert 1 < s["max_in_flight"] <= concurrency  # the loop pool bounds it
+    assert all(ooni_state(app, u)["state"] == "delivered" for u in uuids)
+    assert svc(app).store.backlog() == {}
+
+
+def test_loop_lease_covers_the_batch_at_its_concurrency(make_app):
+    app = make_app(**{"relay-concurrency": "8", "relay-attempt-timeout": "10s"})
+    relay = svc(app).relay
+    sender = relay._state().senders["ooni"]
+    assert sender.batch_size == 32  # 4 rounds of 8
+    assert relay.loop_lease(sender) == 4 * 10 + 30
+
+
+def test_destination_failing_mid_batch_releases_the_rest(make_app, fake):
+    app = make_app(**{"relay-concurrency": "4"})
+    store = svc(app).store
+    uuids = pending_backlog(app, fake, 40)
+    attempts = {u: ooni_state(app, u)["attempts"] for u in uuids}
+    fake.set_latency(0.05)
+    summary = {}
+    worker = threading.Thread(target=lambda: summary.update(svc(app).relay.run_once(now_all=True)))
+    worker.start()
+    fake.wait_for(lambda s: s["submissions"] >= 6)
+    fake.fail(503)
+    worker.join(10)
+    assert not worker.is_alive()
+    counts = summary["ooni"]
+    delivered, failed = counts["delivered"], counts["pending:http-503"]
+    assert delivered >= 6 and 1 <= failed <= 4  # at most the reports in flight failed
+    assert delivered + failed < 40  # the rest of the batch was not sent ...
+    assert fake.stats()["faults"] == failed
+    rows = {u: ooni_state(app, u) for u in uuids}
+    assert sum(r["state"] == "delivered" for r in rows.values()) == delivered
+    untried = [r for u, r in rows.items() if r["state"] == "pending"
+               and r["attempts"] == attempts[u]]
+    assert len(untried) == 40 - delivered - failed  # ... and released
+    assert svc(app).relay.health()["backing_off_s"]["ooni"] > 0  # the destination backs off
+    # Released, not leased: another owner can claim every report still pending at once.
+    claims = store.claim("ooni", 100, "someone-else", 10, due_only=False)
+    assert len(claims) == 40 - delivered
+    store.release([c.uuid for c in claims], "ooni", "someone-else")
+    fake.clear_faults()
+    assert svc(app).relay.run_once(now_all=True)["ooni"]["delivered"] == 40 - delivered
+    s = fake.stats()
+    assert (s["uuids"], s["duplicates"]) == (40, 0)
+
+
+def test_two_workers_draining_concurrently_never_send_a_report_twice(make_app, fake):
+    first = make_app("shared", **{"relay-concurrency": "8"})
+    second = make_app("shared", **{"relay-concurrency": "8"})  # same database: another worker
+    uuids = pending_backlog(first, fake, 100)
+    fake.set_latency(0.01)
+    summaries = [{}, {}]
+    start = threading.Barrier(2)
+
+    def drain(app, out):
+        start.wait()
+        out.update(svc(app).relay.run_once(now_all=True))
+
+    workers = [threading.Thread(target=drain, args=(a, out))
+               for a, out in zip((first, second), summaries, strict=True)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert sum(s["ooni"]["delivered"] for s in summaries) == 100
+    s = fake.stats()
+    assert (s["uuids"], s["duplicates"]) == (100, 0)
+    assert set(fake.uuids()) == set(uuids)
+    assert svc(first).store.backlog() == {}
+
+
+def test_an_attempt_overlapping_a_failure_neither_ends_nor_doubles_the_backoff(make_app):
+    relay = svc(make_app()).relay
+    ps = relay._state()
+    uid = str(uuidlib.uuid4())  # not leased: only the backoff bookkeeping matters here
+    before = time.time()
+    relay._record(ps, "ooni", uid, 0, Outcome.retry("http-503"), started=before)
+    relay._record(ps, "ooni", uid, 0, Outcome.retry("timeout"), started=before)  # in flight too
+    assert ps.holds["ooni"].failures == 1
+    relay._record(ps, "ooni", uid, 0, Outcome.delivered(), started=before)  # sent before it
+    assert relay.health()["backing_off_s"]["ooni"] > 0
+    relay._record(ps, "ooni", uid, 0, Outcome.delivered(), started=time.time())  # sent after
+    assert relay.health()["backing_off_s"] == {}
+
+
 def test_after_an_outage_the_backlog_goes_out_oldest_first(make_app, fake, tmp_path):
-    app = make_app(**{"relay-retry-min": "50ms", "relay-retry-max": "50ms"})
+    app = make_app(**{"relay-retry-min": "50ms", "relay-retry-max": "50ms",
+                      "relay-concurrency": "1"})  # one at a time: the order is observable
     fake.fail("reset")
     bodies = [post(app) for _ in range(4)]
     # While OONI was down the reports' own backoffs grew unevenly: here the oldest is due last.

@@ -160,6 +160,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay-interval", "duration", 10.0,
            "How often each worker's retry loop looks for reports due for a retry."),
     Option("relay-batch", "int", 50, "Reports per batch sent to a secondary collector (1-100)."),
+    Option("relay-concurrency", "int", 32,
+           "OONI submissions each worker's retry loop keeps in flight at once (1-256)."),
     Option("autotls", "bool", False, "Obtain and renew TLS certificates automatically (ACME)."),
     Option("hostname", "str", None, "Host name to get the autotls certificate for."),
     Option("autotls-cache-dir", "str", "/var/www/.cache",
@@ -376,6 +378,8 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("relay-max-age: must be more than 0")
     if not 1 <= config.relay_batch <= 100:
         raise ConfigError("relay-batch: must be between 1 and 100")
+    if not 1 <= config.relay_concurrency <= 256:
+        raise ConfigError("relay-concurrency: must be between 1 and 256")
     listen = config.listen
     if listen is None:
         if config.autotls:

@@ -8,8 +8,9 @@ report and destination; that row is the durable queue:
   destination at once in a small thread pool and waits at most ``relay-timeout`` for the
   answers (an attempt still running goes on in the background and records its outcome);
 * a retry loop in every worker claims due rows with a lease (so two workers never send the
-  same report), retries with exponential backoff and jitter, and gives up after
-  ``relay-max-age`` (expired);
+  same report), sends a claimed OONI batch ``relay-concurrency`` reports at a time (oldest
+  first, each outcome recorded as it comes), retries with exponential backoff and jitter, and
+  gives up after ``relay-max-age`` (expired);
 * ``tt-server relay --once`` tries every pending report now, whatever its backoff.
 
 Delivery is at least once: a report is sent again only when a process died (or its attempt
@@ -19,9 +20,11 @@ report carries its uuid so secondaries can deduplicate.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hmac
 import logging
+import math
 import os
 import random
 import secrets
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import requests
+import requests.adapters
 
 from . import __version__
 from .delivery import (
@@ -64,8 +68,15 @@ RELAYED_SCHEMA = "relayed-report.schema.json"
 MAX_BATCH = 100  # reports per POST /relay, both directions
 SYNC_LEASE_MARGIN = 30.0  # lease of a fresh report beyond relay-attempt-timeout
 SYNC_START_WINDOW = 5.0  # an attempt for a fresh report must start this soon
-MAX_INFLIGHT = 32  # attempts queued or running per process, beyond: leave it to the loop
-POOL_THREADS = 8
+LOOP_LEASE_MARGIN = 30.0  # lease of a claimed batch beyond its worst-case sending time
+LOOP_RECORD_MARGIN = 10.0  # last attempt of a batch ends this long before its lease does
+ROUNDS_PER_BATCH = 4  # a concurrent sender claims this many times its concurrency at once
+# First attempts in the request: one pool thread per request thread and destination (each
+# request waits on one attempt per destination), and up to INFLIGHT_PER_THREAD attempts per
+# pool thread queued or running (those outliving relay-timeout go on in the background);
+# beyond that a fresh report is left to the retry loop.
+INFLIGHT_PER_THREAD = 4
+MAX_POOL_THREADS = 256
 
 # What a collector forwards to another collector (allow-list: fail closed).
 RELAYED_KEYS = (
@@ -100,10 +111,17 @@ def backoff(attempts: int, minimum: float, maximum: float,
 
 
 class Sender(Protocol):
-    """Delivers reports to one destination."""
+    """Delivers reports to one destination.
+
+    ``batched``: ``send`` takes a whole claimed batch in one call (one HTTP request for all);
+    otherwise the retry loop calls ``send`` with one report at a time from up to
+    ``concurrency`` threads at once, so ``send`` must be thread-safe.
+    """
 
     destination: str
     batch_size: int
+    batched: bool
+    concurrency: int
 
     def precheck(self, report: Mapping[str, Any]) -> Outcome | None:
         """An outcome without sending (skip), or None to send."""
@@ -126,12 +144,16 @@ class OONISender:
     """Relay to OONI's collector, one measurement per report over reused open reports."""
 
     destination = OONI
-    batch_size = 10
+    batched = False
 
     def __init__(self, config: Any) -> None:
+        self.concurrency = config.relay_concurrency
+        self.batch_size = ROUNDS_PER_BATCH * self.concurrency
+        # Keep-alive connections for the retry loop's and the first attempts' threads.
+        session = http_session(self.concurrency + pool_threads(config))
         self.client = OONIClient(config.ooni_api, collector_id=config.collector_id,
                                  allow_public_endpoint=config.allow_public_endpoint,
-                                 timeout=config.relay_attempt_timeout)
+                                 timeout=config.relay_attempt_timeout, session=session)
 
     def precheck(self, report: Mapping[str, Any]) -> Outcome | None:
         if report.get("ooni-measurement-id"):
@@ -173,9 +195,11 @@ class CollectorSender:
         self.base_url = base_url.rstrip("/")
         self.destination = COLLECTOR + base_url
         self.batch_size = config.relay_batch
+        self.batched = True  # a batch is one request
+        self.concurrency = 1
         self.allow_public_endpoint = config.allow_public_endpoint
         self.timeout = config.relay_attempt_timeout
-        self.session = requests.Session()
+        self.session = http_session(1 + pool_threads(config))
         self.session.headers["User-Agent"] = f"tunnel-telemetry/{__version__}"
         if config.relay_token:
             self.session.headers["Authorization"] = f"Bearer {config.relay_token}"
@@ -235,6 +259,7 @@ class CollectorSender:
 class _Hold:
     until: float = 0.0
     failures: int = 0
+    since: float = 0.0  # when the last failure was recorded
     probed: bool = False  # the backlog was made due for the probe after this hold
 
 
@@ -251,6 +276,7 @@ class _Process:
     wake: threading.Event = field(default_factory=threading.Event)
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     futures: set[concurrent.futures.Future] = field(default_factory=set)
+    loop_pool: concurrent.futures.ThreadPoolExecutor | None = None
     thread: threading.Thread | None = None
 
 
@@ -291,7 +317,8 @@ class Relay:
             COLLECTOR + url for url in config.relay_url]
         self._sender_factory = sender_factory or self._make_sender
         self._lease = config.relay_attempt_timeout + SYNC_LEASE_MARGIN
-        self._loop_lease = max(60.0, 4 * config.relay_attempt_timeout)
+        self._pool_threads = pool_threads(config)
+        self._max_inflight = INFLIGHT_PER_THREAD * self._pool_threads
         self._proc_lock = threading.Lock()
         self._proc: _Process | None = None
 
@@ -360,10 +387,12 @@ class Relay:
         with ps.lock:
             pending = set(ps.futures)
             pool, ps.pool = ps.pool, None
+            loop_pool, ps.loop_pool = ps.loop_pool, None
         if pending:
             concurrent.futures.wait(pending, max(0.0, end - time.monotonic()))
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        for executor in (pool, loop_pool):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         for sender in ps.senders.values():
             try:
                 sender.close()
@@ -405,6 +434,9 @@ class Relay:
         """Claim and attempt due reports for one destination until none is left or it fails."""
         counts: Counter = Counter()
         sender = ps.senders[dest]
+        concurrency = sender_concurrency(sender)
+        lease = self.loop_lease(sender)
+        warm = False  # a destination answered in this pass: send at full concurrency
         while not ps.stop.is_set():
             if not ignore_hold and self._held_until(ps, dest) > time.time():
                 break
@@ -415,11 +447,12 @@ class Relay:
                 # otherwise come due in an order that has nothing to do with their age.)
                 self.store.make_due(dest)
             started = time.time()
-            claims = self.store.claim(dest, sender.batch_size, ps.owner, self._loop_lease)
+            claims = self.store.claim(dest, sender.batch_size, ps.owner, lease)
             if not claims:
                 break
-            # The last moment an attempt may start and still end inside the lease.
-            last_start = started + self._loop_lease - self.config.relay_attempt_timeout - 5
+            # The last moment an attempt may start and still be recorded inside the lease.
+            last_start = (started + lease - self.config.relay_attempt_timeout
+                          - LOOP_RECORD_MARGIN)
             todo = []
             for claim in claims:
                 if started - claim.created > self.config.relay_max_age:
@@ -431,22 +464,16 @@ class Relay:
                 else:
                     self._record(ps, dest, claim.uuid, claim.attempts, outcome)
                     counts[outcome.state] += 1
+
             def stop(last_start: float = last_start) -> bool:
                 return ps.stop.is_set() or time.time() > last_start
 
-            outcomes = sender.send([c.report for c in todo], self.config.relay_attempt_timeout,
-                                   stop) if todo else {}
-            unattempted = []
-            for claim in todo:
-                outcome = outcomes.get(claim.uuid)
-                if outcome is None:
-                    unattempted.append(claim.uuid)
-                    continue
-                self._record(ps, dest, claim.uuid, claim.attempts, outcome)
-                counts[outcome.state] += 1
-                if outcome.state != DELIVERED:
-                    counts[f"{outcome.state}:{outcome.reason}"] += 1
-            blocked = any(is_destination_failure(o) for o in outcomes.values())
+            if is_batched(sender):
+                attempted, blocked = self._send_batch(ps, dest, todo, stop, counts)
+            else:
+                attempted, blocked, warm = self._send_each(ps, dest, todo, stop, concurrency,
+                                                           counts, warm)
+            unattempted = [c.uuid for c in todo if c.uuid not in attempted]
             if unattempted:
                 hold = self._held_until(ps, dest)
                 self.store.release(unattempted, dest, ps.owner,
@@ -454,6 +481,104 @@ class Relay:
             if blocked or unattempted or len(claims) < sender.batch_size:
                 break
         return counts
+
+    def loop_lease(self, sender: Sender) -> float:
+        """Lease of a batch the retry loop claims: the batch's worst-case sending time (every
+        attempt taking relay-attempt-timeout, ``concurrency`` at a time) plus a margin."""
+        rounds = (1 if is_batched(sender)
+                  else math.ceil(sender.batch_size / sender_concurrency(sender)))
+        return rounds * self.config.relay_attempt_timeout + LOOP_LEASE_MARGIN
+
+    def _send_batch(self, ps: _Process, dest: str, claims: list[Any],
+                    stop: Callable[[], bool], counts: Counter) -> tuple[set[str], bool]:
+        """Send ``claims`` in one ``send`` call, then record the outcomes (oldest first).
+
+        Returns the uuids attempted and whether the destination failed.
+        """
+        if not claims:
+            return set(), False
+        started = time.time()
+        outcomes = ps.senders[dest].send([c.report for c in claims],
+                                         self.config.relay_attempt_timeout, stop)
+        for claim in claims:
+            outcome = outcomes.get(claim.uuid)
+            if outcome is not None:
+                self._record(ps, dest, claim.uuid, claim.attempts, outcome, started)
+                _tally(counts, outcome)
+        return set(outcomes), any(is_destination_failure(o) for o in outcomes.values())
+
+    def _send_each(self, ps: _Process, dest: str, claims: list[Any], stop: Callable[[], bool],
+                   concurrency: int, counts: Counter,
+                   warm: bool) -> tuple[set[str], bool, bool]:
+        """Send ``claims`` one report per ``send`` call, ``concurrency`` at a time, oldest
+        first; each outcome is recorded as it comes (so commits group).  Until the destination
+        has answered in this pass (``warm``), one report at a time: a destination that is down
+        costs one attempt per pass, not ``concurrency``.  The first failure of the destination
+        stops further submissions: those left are not attempted.
+
+        Returns the uuids attempted, whether the destination failed, and ``warm``.
+        """
+        attempted: set[str] = set()
+        blocked = False
+        queue = collections.deque(claims)
+        running: set[concurrent.futures.Future] = set()
+        pool = self._loop_pool(ps) if claims else None
+        while pool is not None:
+            while (queue and not blocked and len(running) < (concurrency if warm else 1)
+                   and not stop()):
+                claim = queue[0]
+                try:
+                    running.add(pool.submit(self._attempt_claim, ps, dest, claim, stop))
+                except RuntimeError:  # the pool was shut down: closing
+                    queue.clear()
+                    break
+                queue.popleft()
+            if not running:
+                break
+            done, running = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                uuid, outcome = future.result()
+                if outcome is None:
+                    continue  # not attempted (too late): released by the caller
+                attempted.add(uuid)
+                _tally(counts, outcome)
+                failed = is_destination_failure(outcome)
+                blocked |= failed
+                warm |= not failed
+        return attempted, blocked, warm
+
+    def _attempt_claim(self, ps: _Process, dest: str, claim: Any,
+                       stop: Callable[[], bool]) -> tuple[str, Outcome | None]:
+        """One report of a claimed batch (in a loop pool thread): send it, record the outcome.
+
+        Never raises; the outcome is None when the report was not attempted.
+        """
+        if stop():
+            return claim.uuid, None
+        started = time.time()
+        try:
+            outcome = ps.senders[dest].send([claim.report], self.config.relay_attempt_timeout,
+                                            ps.stop.is_set).get(claim.uuid)
+        except Exception as e:  # noqa: BLE001 - a sender bug must not lose the report
+            log.error("relay: %s sender error: %s", dest, type(e).__name__)
+            outcome = Outcome.retry("internal-error")
+        if outcome is None:
+            return claim.uuid, None
+        try:
+            self._record(ps, dest, claim.uuid, claim.attempts, outcome, started)
+        except Exception as e:  # noqa: BLE001 - the lease expires and the report is retried
+            log.error("relay: could not record the outcome for %s: %s", dest,
+                      getattr(e, "code", type(e).__name__))
+        return claim.uuid, outcome
+
+    def _loop_pool(self, ps: _Process) -> concurrent.futures.ThreadPoolExecutor | None:
+        """The retry loop's sending threads (None once closing)."""
+        with ps.lock:
+            if ps.loop_pool is None and not ps.stop.is_set():
+                size = max(sender_concurrency(s) for s in ps.senders.values())
+                ps.loop_pool = concurrent.futures.ThreadPoolExecutor(size, "tt-relay-loop")
+            return ps.loop_pool
 
     # -- first attempt, in the request -------------------------------------------------------
 
@@ -495,10 +620,10 @@ class Relay:
     def _submit(self, ps: _Process, dest: str, report: dict[str, Any],
                 start_by: float) -> concurrent.futures.Future | None:
         with ps.lock:
-            if ps.stop.is_set() or len(ps.futures) >= MAX_INFLIGHT:
+            if ps.stop.is_set() or len(ps.futures) >= self._max_inflight:
                 return None
             if ps.pool is None:
-                ps.pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, "tt-relay")
+                ps.pool = concurrent.futures.ThreadPoolExecutor(self._pool_threads, "tt-relay")
             future = ps.pool.submit(self._attempt_one, ps, dest, report, start_by)
             ps.futures.add(future)
         future.add_done_callback(lambda f: self._forget(ps, f))
@@ -516,6 +641,7 @@ class Relay:
             # Too late to finish inside the lease: leave the report to the retry loop.
             self.store.release([uuid], dest, ps.owner)
             return Outcome.retry("relay-busy", "no time left for a first attempt")
+        started = time.time()
         try:
             outcomes = ps.senders[dest].send([report], self.config.relay_attempt_timeout,
                                              ps.stop.is_set)
@@ -524,7 +650,7 @@ class Relay:
             log.error("relay: %s sender error: %s", dest, type(e).__name__)
             outcome = Outcome.retry("internal-error")
         try:
-            self._record(ps, dest, uuid, 0, outcome)
+            self._record(ps, dest, uuid, 0, outcome, started)
         except ReportError as e:  # the store is unavailable: the lease expires, retried later
             log.error("relay: could not record the outcome for %s: %s", dest, e.code)
         return outcome
@@ -532,20 +658,25 @@ class Relay:
     # -- outcomes ----------------------------------------------------------------------------
 
     def _record(self, ps: _Process, dest: str, uuid: str, attempts: int,
-                outcome: Outcome) -> bool:
-        """Write an outcome to the store (and adjust the destination's backoff)."""
+                outcome: Outcome, started: float | None = None) -> bool:
+        """Write an outcome to the store (and adjust the destination's backoff).
+
+        ``started``: when the attempt began; attempts that were already running when the
+        destination last failed neither end its backoff nor lengthen it (they overlapped).
+        """
         now = time.time()
+        started = now if started is None else started
         cfg = self.config
         if outcome.state == PENDING:
             delay = backoff(attempts, cfg.relay_retry_min, cfg.relay_retry_max)
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
             if is_destination_failure(outcome):
-                self._hold(ps, dest, outcome)
+                self._hold(ps, dest, outcome, started)
             ok = self.store.finish(uuid, dest, ps.owner, PENDING, error=outcome.describe(),
                                    next_attempt=now + delay)
         elif outcome.state == DELIVERED:
-            self._clear_hold(ps, dest)
+            self._clear_hold(ps, dest, started)
             ok = self.store.finish(uuid, dest, ps.owner, DELIVERED, result=outcome.result or None,
                                    report_fields=ps.senders[dest].report_fields(outcome))
         else:
@@ -561,15 +692,17 @@ class Relay:
             hold = ps.holds.get(dest)
             return hold.until if hold else 0.0
 
-    def _hold(self, ps: _Process, dest: str, outcome: Outcome) -> None:
+    def _hold(self, ps: _Process, dest: str, outcome: Outcome, started: float) -> None:
         cfg = self.config
         with ps.lock:
             hold = ps.holds.setdefault(dest, _Hold())
-            hold.failures += 1
+            if started >= hold.since:  # not one of several attempts failing together
+                hold.failures += 1
             delay = backoff(hold.failures - 1, cfg.relay_retry_min, cfg.relay_retry_max)
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
             hold.until = max(hold.until, time.time() + delay)
+            hold.since = time.time()
             hold.probed = False
 
     @staticmethod
@@ -583,9 +716,11 @@ class Relay:
             return True
 
     @staticmethod
-    def _clear_hold(ps: _Process, dest: str) -> None:
+    def _clear_hold(ps: _Process, dest: str, started: float) -> None:
         with ps.lock:
-            ps.holds.pop(dest, None)
+            hold = ps.holds.get(dest)
+            if hold is not None and started >= hold.since:
+                del ps.holds[dest]
 
     # -- answers -----------------------------------------------------------------------------
 
@@ -640,6 +775,38 @@ class Relay:
         if dest == OONI:
             return OONISender(self.config)
         return CollectorSender(dest[len(COLLECTOR):], self.config)
+
+
+def _tally(counts: Counter, outcome: Outcome) -> None:
+    counts[outcome.state] += 1
+    if outcome.state != DELIVERED:
+        counts[f"{outcome.state}:{outcome.reason}"] += 1
+
+
+def is_batched(sender: Sender) -> bool:
+    """True when the sender takes a whole batch per ``send`` call (the default)."""
+    return bool(getattr(sender, "batched", True))
+
+
+def sender_concurrency(sender: Sender) -> int:
+    """How many single-report ``send`` calls the sender takes at once."""
+    return 1 if is_batched(sender) else max(1, int(getattr(sender, "concurrency", 1)))
+
+
+def pool_threads(config: Any) -> int:
+    """Threads for first attempts: one per request thread and destination (capped)."""
+    dests = (1 if config.ooni_relay else 0) + len(config.relay_url)
+    return max(1, min(MAX_POOL_THREADS, config.threads * max(1, dests)))
+
+
+def http_session(pool_size: int) -> requests.Session:
+    """A keep-alive session whose connection pool holds ``pool_size`` connections per host
+    (requests' default of 10 would drop and reopen connections under more threads)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _rank(outcome: Outcome) -> int:

@@ -331,6 +331,8 @@ class FakeOONI:
             self._counts: collections.Counter[str] = collections.Counter()
             self._uuids: collections.Counter[str] = collections.Counter()
             self._rejections: list[str] = []
+            self._in_flight = 0
+            self._max_in_flight = 0
         self.clear_faults()
 
     # -- records --------------------------------------------------------------------------
@@ -338,7 +340,7 @@ class FakeOONI:
     def stats(self) -> dict[str, Any]:
         """Counters: connections accepted, requests, opens, submissions (accepted), closes,
         dropped (200 ``{}``), rejected, faults injected, distinct uuids, duplicate deliveries,
-        reports still open."""
+        reports still open, and the most requests it was answering at once (max_in_flight)."""
         with self._lock:
             return {
                 "connections": self._counts["connections"],
@@ -354,6 +356,7 @@ class FakeOONI:
                 "open_reports": sum(
                     1 for r in self._reports.values() if not (r.closed or r.expired)
                 ),
+                "max_in_flight": self._max_in_flight,
             }
 
     def uuids(self) -> collections.Counter[str]:
@@ -412,6 +415,18 @@ class FakeOONI:
         return None
 
     def _handle(
+        self, method: str, path: str, body: bytes, rec: RecordedRequest
+    ) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            return self._answer(method, path, body, rec)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer(
         self, method: str, path: str, body: bytes, rec: RecordedRequest
     ) -> tuple[int, Any, dict[str, str]]:
         if self.latency > 0:
