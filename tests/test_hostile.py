@@ -153,8 +153,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text, inner, max_size=4),
     max_leaves=20,
 )
-# Text a report may carry: anything but NUL (refused: PostgreSQL cannot store it).
-text = st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=100)
+# Text a report may carry: anything but NUL (PostgreSQL cannot store it) and lone surrogates.
+storable = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
+text = st.text(alphabet=storable, max_size=100)
 clean_json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
     | text,
@@ -182,8 +183,7 @@ times = st.builds(rfc3339, st.timedeltas(timedelta(seconds=0), timedelta(days=6)
 valid_reports = st.fixed_dictionaries(
     {"report-type": st.just("tunnel-telemetry"), "time": times, "endpoint": endpoints},
     optional={
-        "config": st.dictionaries(st.text(alphabet=st.characters(exclude_characters="\x00"),
-                                          min_size=1, max_size=64), text, max_size=8),
+        "config": st.dictionaries(st.text(alphabet=storable, min_size=1, max_size=64), text, max_size=8),
         "duration_ms": st.integers(0, 86_400_000),
         "failure": st.none() | st.fixed_dictionaries(
             {"op": text.filter(bool).map(lambda t: t[:128])},
