@@ -183,7 +183,8 @@ times = st.builds(rfc3339, st.timedeltas(timedelta(seconds=0), timedelta(days=6)
 valid_reports = st.fixed_dictionaries(
     {"report-type": st.just("tunnel-telemetry"), "time": times, "endpoint": endpoints},
     optional={
-        "config": st.dictionaries(st.text(alphabet=storable, min_size=1, max_size=64), text, max_size=8),
+        "config": st.dictionaries(st.text(alphabet=storable, min_size=1, max_size=64), text,
+                                  max_size=8),
         "duration_ms": st.integers(0, 86_400_000),
         "failure": st.none() | st.fixed_dictionaries(
             {"op": text.filter(bool).map(lambda t: t[:128])},
