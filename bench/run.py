@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 from prefill import prefill  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SCENARIOS = ("ingest", "relay", "growth", "drain", "memory")
+SCENARIOS = ("ingest", "ingest-pg", "relay", "growth", "drain", "memory")
 NA_RELAY = "n/a (relay not available)"
 
 
@@ -196,6 +196,7 @@ class Bench:
         self.addresses: list[str] = []
         self.known_addresses: list[str] = []
         self.relay = False
+        self.ingest_row: dict[str, Any] | None = None  # SQLite ingest, for ingest-pg's ratio
 
     # fixtures
 
@@ -214,8 +215,8 @@ class Bench:
         log(f"fixtures ready in {time.monotonic() - started:.1f} s "
             f"({self.args.networks} networks per DB)")
 
-    def server_args(self, db: Path, extra: list[str] | None = None) -> list[str]:
-        args = ["--database-url", f"sqlite:///{db}", "--proxy-hops", "1",
+    def server_args(self, database_url: str, extra: list[str] | None = None) -> list[str]:
+        args = ["--database-url", database_url, "--proxy-hops", "1",
                 "--workers", str(self.args.workers), "--threads", str(self.args.threads)]
         country, asn = self.geo_dbs
         if country:
@@ -223,10 +224,12 @@ class Bench:
         return args + list(extra or []) + list(self.args.server_arg)
 
     def tt_server(self, name: str, db: Path | None = None,
-                  extra: list[str] | None = None) -> Server:
+                  extra: list[str] | None = None, database_url: str | None = None) -> Server:
+        """tt-server on a SQLite file (``db``, default a fresh one) or on ``database_url``."""
         folder = self.workdir / name
         db = db or folder / "reports.db"
-        server = Server(folder, self.server_args(db, extra), env=self.env, cwd=folder)
+        url = database_url or f"sqlite:///{db}"
+        server = Server(folder, self.server_args(url, extra), env=self.env, cwd=folder)
         server.db = db
         server.workers = self.args.workers
         return server
@@ -451,6 +454,7 @@ def scenario_ingest(bench: Bench) -> None:
     server = bench.tt_server("ingest")
     with server:
         row = bench.run_load(server, stored=lambda: db_counts(server.db)["stored"])
+    bench.ingest_row = row
     ratio = row["reports_per_s"] / base["reports_per_s"] if base["reports_per_s"] else 0
     bench.add("ingest", f"tt-server relay off, {conns} conns", row, base,
               [("≥3000 reports/s", row["reports_per_s"] >= 3000),
@@ -458,6 +462,59 @@ def scenario_ingest(bench: Bench) -> None:
                ("zero errors", row["errors"] == 0 and row["non_201"] == 0),
                ("≥0.5× baseline", ratio >= 0.5),
                ("every 201 stored", row["stored"] >= row["created"])])
+
+
+def pg_count(url: str) -> int:
+    """Reports stored in the PostgreSQL store at ``url``."""
+    import psycopg  # noqa: PLC0415 - optional dependency
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+
+
+def scenario_ingest_pg(bench: Bench) -> None:
+    """The ingest load on a PostgreSQL store (throwaway local cluster, fsync on), as a ratio
+    to the SQLite ingest of the same run (measured first if ``ingest`` was not asked for)."""
+    conns = bench.args.connections
+    variant = f"tt-server relay off, PostgreSQL, {conns} conns"
+    try:
+        import psycopg  # noqa: F401, PLC0415 - optional dependency
+
+        from tunnel_telemetry.testing.postgres import PostgresCluster, find_bindir
+    except ImportError as exc:
+        bench.add("ingest-pg", variant, None, note=f"n/a (psycopg not installed: {exc})")
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        bench.add("ingest-pg", variant, None, note="n/a (PostgreSQL binaries not found)")
+        return
+    if bench.ingest_row is None:
+        scenario_ingest(bench)
+    sqlite_row = bench.ingest_row
+    started = time.monotonic()
+    # fast=False: fsync and synchronous_commit on, like a real server (SQLite's is FULL too).
+    with PostgresCluster(bindir, fast=False) as cluster:
+        cluster_s = time.monotonic() - started
+        assert cluster.proc is not None
+        server = bench.tt_server("ingest-pg", database_url=cluster.url)
+        with server:
+            if not bench.smoke:
+                bench.warm_up(server)
+            # The postmaster and its backends (the pools' connections are open by now): their
+            # CPU is the benchmark's (other_cpu_s), not "other load".
+            children = subprocess.run(["pgrep", "-P", str(cluster.proc.pid)],
+                                      capture_output=True, text=True).stdout.split()
+            before = pg_count(cluster.url)
+            row = bench.wrk(server, bench.args.duration, conns,
+                            [cluster.proc.pid, *map(int, children)])
+            row["stored"] = pg_count(cluster.url) - before
+    ratio = row["reports_per_s"] / sqlite_row["reports_per_s"] if sqlite_row else 0
+    bench.add("ingest-pg", variant, {**row, "cluster_start_s": round(cluster_s, 1)},
+              sqlite_row,
+              [("zero errors", row["errors"] == 0 and row["non_201"] == 0),
+               ("every 201 stored", row["stored"] >= row["created"])],
+              note=f"× baseline = ÷ SQLite ingest of this run ({ratio:.2f}); PostgreSQL "
+                   f"{bindir.parent.name} on 127.0.0.1, fsync on; cluster up in {cluster_s:.1f} s")
 
 
 def scenario_relay(bench: Bench) -> None:
@@ -618,6 +675,7 @@ def scenario_memory(bench: Bench) -> None:
 
 RUNNERS: dict[str, Callable[[Bench], None]] = {
     "ingest": scenario_ingest,
+    "ingest-pg": scenario_ingest_pg,
     "relay": scenario_relay,
     "growth": scenario_growth,
     "drain": scenario_drain,
