@@ -35,7 +35,7 @@ from tunnel_telemetry.cli import main
 from tunnel_telemetry.config import Config, ConfigError, check_hostname, load_config
 from tunnel_telemetry.files import write_private
 from tunnel_telemetry.testing.pebble import Pebble, pebble_missing, write_listener_cert
-from tunnel_telemetry.testing.server import free_port
+from tunnel_telemetry.testing.server import free_port, wait_for
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -450,15 +450,6 @@ def test_acme_server_down(tmp_path):
         AutoTLS("localhost", tmp_path, acme).ensure()
     assert info.value.reason == "acme_unreachable"
     assert "Connection refused" in str(info.value)
-
-
-def wait_for(predicate, timeout=20.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 @needs_pebble

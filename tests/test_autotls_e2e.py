@@ -13,7 +13,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tunnel_telemetry.autotls import CertCache
 from tunnel_telemetry.files import write_private
 from tunnel_telemetry.testing.pebble import Pebble, pebble_missing, write_listener_cert
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import TTServer, free_port
+from tunnel_telemetry.testing.server import TTServer, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 needs_pebble = pytest.mark.skipif(
@@ -53,15 +52,6 @@ def https_post(port, cafile, report=None):
 
 def served_serial(port, cafile):
     return https_post(port, cafile)[1]
-
-
-def wait_for(predicate, timeout=30.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 def autotls_args(pebble, cache, db, *extra):

@@ -13,6 +13,7 @@ import requests
 
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.testing.server import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -74,15 +75,6 @@ class Load:
 def backlog(server):
     with requests.get(server.url + "/healthz", timeout=10) as resp:
         return resp.json()["relay"]["backlog"]
-
-
-def wait_for(predicate, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def test_sigkill_workers_and_master_under_load(tt_server):

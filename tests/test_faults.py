@@ -25,19 +25,9 @@ from tunnel_telemetry.testing.geodb import (
     write_synthetic_dbs,
 )
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import free_port
+from tunnel_telemetry.testing.server import free_port, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(predicate, timeout=15.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def post(server, report=None, address=None, timeout=10):

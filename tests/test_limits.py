@@ -15,6 +15,7 @@ from tunnel_telemetry import create_app
 from tunnel_telemetry.config import Config, ConfigError
 from tunnel_telemetry.limits import BUCKETS, PROBES, build_limits
 from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.testing.server import wait_for
 
 
 def limits_for(**options):
@@ -308,15 +309,6 @@ def hold_a_request(server, address):
             return sock, body[10:]
         sock.close()
     raise AssertionError("the request was never held")
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.e2e

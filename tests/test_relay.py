@@ -22,20 +22,12 @@ from tunnel_telemetry.relay import (
 )
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import free_port
+from tunnel_telemetry.testing.server import free_port, wait_until
 
 TOKEN = "relay-token-0123456789"
 FAST = {"relay-interval": "50ms", "relay-retry-min": "50ms", "relay-retry-max": "200ms"}
 SLOW = {"relay-interval": "1h", "relay-retry-min": "1h", "relay-retry-max": "2h"}
 IT = {"client_asn": "AS30722", "client_cc": "IT"}
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met after {timeout} s")
-        time.sleep(0.02)
 
 
 @pytest.fixture

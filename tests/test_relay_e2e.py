@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import requests
 from tunnel_telemetry.store import open_store
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.testing.server import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -47,14 +47,6 @@ def stored_bytes(server):
         if path.is_file():
             data += path.read_bytes()
     return data
-
-
-def wait_until(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met after {timeout} s")
-        time.sleep(0.05)
 
 
 def backlog(server):

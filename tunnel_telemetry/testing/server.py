@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0,
+             interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0,
+               what: str = "condition") -> None:
+    """Like wait_for, but a timeout is a TimeoutError naming ``what``."""
+    if not wait_for(predicate, timeout):
+        raise TimeoutError(f"{what} not met after {timeout} s")
 
 
 class TTServer:
