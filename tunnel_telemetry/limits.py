@@ -7,7 +7,9 @@ table keeps 8 bytes of that hash, never an address, in anonymous memory (memfd),
 
 Cross-process locking is an fcntl record lock on the shared file: the kernel drops it when a
 process dies, so a SIGKILLed worker cannot wedge the others. POSIX record locks belong to a
-process, so a thread lock serialises the threads of one worker first.
+process, so a thread lock serialises the threads of one worker first. It is taken once per
+request (token and in-flight slot together); giving a slot back needs the thread lock only,
+as each process writes only its own counter.
 """
 
 from __future__ import annotations
@@ -61,15 +63,17 @@ class SharedMemory:
             self.fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115
         os.ftruncate(self.fd, size)
         self.buf = mmap.mmap(self.fd, size)
-        self._thread_lock = threading.Lock()
+        self.thread_lock = threading.Lock()  # taken first: serialises this process's threads
+        self.pid = os.getpid()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        self._thread_lock = threading.Lock()  # a lock held by another thread at fork stays held
+        self.thread_lock = threading.Lock()  # a lock held by another thread at fork stays held
+        self.pid = os.getpid()
 
     @contextmanager
     def lock(self) -> Iterator[memoryview | mmap.mmap]:
-        with self._thread_lock:
+        with self.thread_lock:
             fcntl.lockf(self.fd, fcntl.LOCK_EX)
             try:
                 yield self.buf
@@ -94,28 +98,31 @@ class RateLimiter:
 
     def take(self, client: int, now: float | None = None) -> float:
         """Take a token for ``client``: 0 when allowed, else the seconds until one is due."""
-        now = time.monotonic() if now is None else now
-        first = client % BUCKETS
         with self.shm.lock() as buf:
-            victim, victim_tokens = -1, -1.0
-            for i in range(PROBES):
-                index = (first + i) % BUCKETS
-                key, tokens, stamp = _BUCKET.unpack_from(buf, _BUCKETS_AT + index * _BUCKET.size)
-                if key == client:
-                    victim, tokens = index, self._refilled(tokens, stamp, now)
-                    break
-                # Reuse an empty bucket, else the fullest: it is the one that lost least.
-                idle = self.burst + 1 if key == 0 else self._refilled(tokens, stamp, now)
-                if idle > victim_tokens:
-                    victim, victim_tokens = index, idle
-            else:
-                tokens = self.burst
-            if tokens >= 1.0:
-                tokens -= 1.0
-                wait = 0.0
-            else:
-                wait = (1.0 - tokens) / self.rate
-            _BUCKET.pack_into(buf, _BUCKETS_AT + victim * _BUCKET.size, client, tokens, now)
+            return self.take_locked(buf, client, time.monotonic() if now is None else now)
+
+    def take_locked(self, buf: Any, client: int, now: float) -> float:
+        """take() for a caller that holds the shared lock."""
+        first = client % BUCKETS
+        victim, victim_tokens = -1, -1.0
+        for i in range(PROBES):
+            index = (first + i) % BUCKETS
+            key, tokens, stamp = _BUCKET.unpack_from(buf, _BUCKETS_AT + index * _BUCKET.size)
+            if key == client:
+                victim, tokens = index, self._refilled(tokens, stamp, now)
+                break
+            # Reuse an empty bucket, else the fullest: it is the one that lost least.
+            idle = self.burst + 1 if key == 0 else self._refilled(tokens, stamp, now)
+            if idle > victim_tokens:
+                victim, victim_tokens = index, idle
+        else:
+            tokens = self.burst
+        if tokens >= 1.0:
+            tokens -= 1.0
+            wait = 0.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        _BUCKET.pack_into(buf, _BUCKETS_AT + victim * _BUCKET.size, client, tokens, now)
         return wait
 
 
@@ -133,7 +140,7 @@ class InFlight:
 
     def _index(self, buf: Any) -> int:
         """This process's counter (claimed on first use after a fork); -1 if none is free."""
-        pid = os.getpid()
+        pid = self.shm.pid
         if self._slot is not None and self._slot[0] == pid:
             return self._slot[1]
         self._reap(buf)
@@ -148,38 +155,51 @@ class InFlight:
         self._slot = (pid, index)
         return index
 
-    @staticmethod
-    def _reap(buf: Any) -> bool:
+    def _reap(self, buf: Any) -> bool:
         """Free the slots of processes that are gone; True if any was."""
         values = _SLOTS.unpack_from(buf, 0)
         freed = False
         for index, pid in enumerate(values[0::2]):
-            if pid and pid != os.getpid() and not _alive(pid):
+            if pid and pid != self.shm.pid and not _alive(pid):
                 _SLOT.pack_into(buf, index * _SLOT.size, 0, 0)
                 freed = True
         return freed
 
     def enter(self) -> bool:
         with self.shm.lock() as buf:
-            index = self._index(buf)
-            if index < 0:  # more processes than slots: do not refuse for our own bookkeeping
-                return True
-            total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
-            if total >= self.cap and self._reap(buf):
-                total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
-            if total >= self.cap:
-                return False
-            pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
-            _SLOT.pack_into(buf, index * _SLOT.size, pid, count + 1)
+            return self.enter_locked(buf)
+
+    def enter_locked(self, buf: Any) -> bool:
+        """enter() for a caller that holds the shared lock."""
+        index = self._index(buf)
+        if index < 0:  # more processes than slots: do not refuse for our own bookkeeping
             return True
+        total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
+        if total >= self.cap and self._reap(buf):
+            total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
+        if total >= self.cap:
+            return False
+        pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
+        _SLOT.pack_into(buf, index * _SLOT.size, pid, count + 1)
+        return True
 
     def leave(self) -> None:
-        with self.shm.lock() as buf:
-            index = self._index(buf)
-            if index < 0:
-                return
-            pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
-            _SLOT.pack_into(buf, index * _SLOT.size, pid, max(0, count - 1))
+        """Give back a slot. Only this process writes its counter, so the thread lock is
+        enough: no cross-process lock (a system call each way) on the way out."""
+        slot = self._slot
+        if slot is None or slot[0] != self.shm.pid:  # no enter() in this process yet
+            with self.shm.lock() as buf:
+                index = self._index(buf)
+                if index >= 0:
+                    self._decrement(buf, index)
+            return
+        with self.shm.thread_lock:
+            self._decrement(self.shm.buf, slot[1])
+
+    @staticmethod
+    def _decrement(buf: Any, index: int) -> None:
+        pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
+        _SLOT.pack_into(buf, index * _SLOT.size, pid, max(0, count - 1))
 
     def total(self) -> int:
         with self.shm.lock() as buf:
@@ -263,21 +283,27 @@ class Limits:
         ``per_client=False`` applies the global cap only (authenticated collector traffic).
         """
         ticket = Ticket(self.client_key(ip))
-        if per_client and self.rate is not None:
-            wait = self.rate.take(ticket.client)
-            if wait > 0:
-                raise Busy("rate_limited", "too many reports from this address, retry later",
-                           429, wait)
         if per_client and self.client_inflight is not None:
             if not self.client_inflight.enter(ticket.client):
                 raise Busy("client_busy", "too many requests in progress from this address",
                            429, 1)
             ticket.client_slot = True
-        if self.inflight is not None:
-            if not self.inflight.enter():
-                self.release(ticket)
-                raise Busy("busy", "the collector is busy, retry later", 503, 2)
-            ticket.global_slot = True
+        rate = self.rate if per_client else None
+        if rate is None and self.inflight is None:
+            return ticket
+        wait, admitted = 0.0, True
+        with self.shm.lock() as buf:  # one cross-process lock for the token and the slot
+            if rate is not None:
+                wait = rate.take_locked(buf, ticket.client, time.monotonic())
+            if wait <= 0 and self.inflight is not None:
+                admitted = ticket.global_slot = self.inflight.enter_locked(buf)
+        if wait > 0:
+            self.release(ticket)
+            raise Busy("rate_limited", "too many reports from this address, retry later",
+                       429, wait)
+        if not admitted:
+            self.release(ticket)
+            raise Busy("busy", "the collector is busy, retry later", 503, 2)
         return ticket
 
     def release_client(self, ticket: Ticket) -> None:
