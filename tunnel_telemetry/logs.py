@@ -8,12 +8,15 @@ import sys
 from .scrub import scrub_text
 
 _HANDLER_NAME = "tunnel_telemetry"
+REDACTED_ATTR = "tt_redacted"  # set (via ``extra``) on a record whose text was built redacted
 
 
 class RedactingFilter(logging.Filter):
     """Replace IP addresses in a record's final message (args included)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, REDACTED_ATTR, False) and not record.args:
+            return True
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken log call must not break the request

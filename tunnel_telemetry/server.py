@@ -5,15 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import time
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
-from .logs import RedactingFilter
+from .logs import REDACTED_ATTR, RedactingFilter
+from .scrub import scrub_text
 
 # No %(h)s (remote address), no headers, no query string: nothing that identifies a client.
 ACCESS_LOG_FORMAT = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+FLUSH_LINES = 64  # access lines written together at most
+FLUSH_SECONDS = 0.2  # and at the latest this long after the first of them
 
 
 class ScrubbingLogger(GunicornLogger):
@@ -22,8 +27,22 @@ class ScrubbingLogger(GunicornLogger):
     Gunicorn itself writes client addresses into some messages ("Invalid request from ip=...").
     """
 
+    _stamp_cache: tuple[int, str] = (0, "")
+    _buffered = False
+
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
+        # Plain streams and files get access lines in batches (one write per FLUSH_LINES lines
+        # or FLUSH_SECONDS, see flush_access); a syslog or custom handler gets one per request.
+        self._buffered = bool(self.access_log.handlers) and all(
+            type(h) in (logging.StreamHandler, logging.FileHandler)
+            for h in self.access_log.handlers)
+        self._pending: list[str] = []
+        self._pending_lock = threading.Lock()
+        self._flushed = time.monotonic()
+        if not getattr(self, "_fork_hook", False):  # setup() runs again on every SIGHUP
+            os.register_at_fork(after_in_child=self._after_fork)
+            self._fork_hook = True
         for logger in (self.error_log, self.access_log):
             for handler in logger.handlers:
                 if not any(isinstance(f, RedactingFilter) for f in handler.filters):
@@ -42,16 +61,57 @@ class ScrubbingLogger(GunicornLogger):
         if isinstance(status, str):
             status = status.split(None, 1)[0]
         millis = request_time.seconds * 1000 + request_time.microseconds // 1000
+        path = environ.get("PATH_INFO", "")
+        if path not in _KNOWN_PATHS:  # anything a client typed: escaped, addresses redacted
+            path = scrub_text(_UNSAFE.sub(_escape, path))
+        line = '%s "%s %s %s" %s %s %sms' % (  # noqa: UP031 - one string, no record args
+            self._stamp(), environ.get("REQUEST_METHOD"), path,
+            environ.get("SERVER_PROTOCOL"), status, getattr(resp, "sent", None), millis)
+        if not self._buffered:
+            self._write([line])
+            return
+        with self._pending_lock:
+            self._pending.append(line)
+            if (len(self._pending) < FLUSH_LINES
+                    and time.monotonic() - self._flushed < FLUSH_SECONDS):
+                return
+            lines, self._pending = self._pending, []
+            self._flushed = time.monotonic()
+        self._write(lines)
+
+    def flush_access(self) -> None:
+        """Write the access lines held back (the worker calls this every 0.2 s and on exit)."""
+        if not self._buffered:
+            return
+        with self._pending_lock:
+            lines, self._pending = self._pending, []
+            self._flushed = time.monotonic()
+        if lines:
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
         try:
-            self.access_log.info('%s "%s %s %s" %s %s %sms', self.now(),
-                                 environ.get("REQUEST_METHOD"),
-                                 _UNSAFE.sub(_escape, environ.get("PATH_INFO", "")),
-                                 environ.get("SERVER_PROTOCOL"), status,
-                                 getattr(resp, "sent", None), millis)
+            self.access_log.info("\n".join(lines), extra=_REDACTED)
         except Exception:  # noqa: BLE001 - as gunicorn: a log failure must not fail a request
             self.error("access log failed")
 
+    def _after_fork(self) -> None:
+        self._pending_lock = threading.Lock()
+        self._pending = []
 
+    def _stamp(self) -> str:
+        """Gunicorn's ``[%d/%b/%Y:%H:%M:%S %z]``, formatted once a second."""
+        now = int(time.time())
+        cached = self._stamp_cache
+        if cached[0] != now:
+            cached = self._stamp_cache = (now, time.strftime("[%d/%b/%Y:%H:%M:%S %z]",
+                                                             time.localtime(now)))
+        return cached[1]
+
+
+_KNOWN_PATHS = frozenset(("/report", "/relay", "/healthz", "/", "/version",
+                          "/report.schema.json"))
+_REDACTED = {REDACTED_ATTR: True}  # built from checked parts: RedactingFilter can skip it
 _UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
@@ -74,6 +134,9 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Release per-worker resources (open relay reports, connections) on shutdown."""
+    flush = getattr(worker.log, "flush_access", None)
+    if flush is not None:
+        flush()
     svc = _services(worker)
     if svc is not None:
         try:

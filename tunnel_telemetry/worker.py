@@ -257,8 +257,11 @@ class CollectorWorker(ThreadWorker):
                 watched.phase = "done"
 
     def _watch(self) -> None:
+        flush_access = getattr(self.log, "flush_access", None)
         while True:
             time.sleep(WATCH_INTERVAL)
+            if flush_access is not None:
+                flush_access()
             now = time.monotonic()
             with self.watched_lock:
                 due = [w for w in self.watched.values()
