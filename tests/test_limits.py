@@ -13,7 +13,7 @@ import requests
 
 from tunnel_telemetry import create_app
 from tunnel_telemetry.config import Config, ConfigError
-from tunnel_telemetry.limits import BUCKETS, PROBES, build_limits
+from tunnel_telemetry.limits import BUCKETS, PROBES, STUCK_AFTER, build_limits
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import wait_for
 
@@ -117,6 +117,72 @@ def test_in_flight_is_shared_across_processes_and_survives_a_killed_holder(limit
     assert limit.inflight.enter() is True, "a dead process's slot is reclaimed"
     limit.inflight.leave()
     assert limit.inflight.total() == 0
+
+
+def _die_holding_the_lock(limit, ready, write_pid):
+    held = limit.shm.lock()  # kept referenced: a collected generator would release it
+    if write_pid:
+        held.__enter__()
+    else:  # killed between taking the lock and writing its pid
+        limit.shm._sem.acquire()
+    ready.set()
+    time.sleep(60)  # until SIGKILLed
+
+
+@pytest.mark.parametrize("write_pid", [True, False], ids=["holder-known", "holder-unwritten"])
+def test_a_worker_killed_holding_the_lock_does_not_wedge_the_others(limits, write_pid):
+    limit = limits(max_in_flight=4, rate_limit=60)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_die_holding_the_lock, args=(limit, ready, write_pid))
+    child.start()
+    try:
+        assert ready.wait(10)
+        assert limit.shm._sem.acquire(False) is False, "the child holds it"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        child.close()
+    started = time.monotonic()
+    ticket = limit.admit("192.0.2.1")
+    assert time.monotonic() - started < 4 * STUCK_AFTER
+    limit.release(ticket)
+    started = time.monotonic()
+    limit.release(limit.admit("192.0.2.1"))
+    assert time.monotonic() - started < 0.5, "and the lock works normally afterwards"
+
+
+def _count_under_the_lock(limit, rounds, errors):
+    for _ in range(rounds):
+        with limit.shm.lock() as buf:
+            value = int.from_bytes(buf[-8:], "little")
+            time.sleep(0)  # give every other thread the GIL while holding the lock
+            buf[-8:] = (value + 1).to_bytes(8, "little")
+    errors.put(None)
+
+
+def test_the_lock_excludes_threads_of_several_processes(limits):
+    limit = limits(max_in_flight=4)
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+    children = [ctx.Process(target=_count_under_the_lock, args=(limit, 500, done))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    threads = [threading.Thread(target=_count_under_the_lock, args=(limit, 500, done))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(6):
+        done.get(timeout=30)
+    for thread in threads:
+        thread.join()
+    for child in children:
+        child.join(10)
+        child.close()
+    done.close()
+    done.join_thread()
+    assert int.from_bytes(limit.shm.buf[-8:], "little") == 6 * 500
 
 
 def test_client_in_flight_is_per_client(limits):

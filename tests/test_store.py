@@ -243,7 +243,8 @@ def test_open_errors(url, message):
 
 def _queue_behind_blocker(store, db_url, jobs):
     """Run jobs in threads while another connection holds the write lock, so that they
-    queue up behind the first one; release the lock once all are queued. Returns results."""
+    queue up behind the first one (the leader, waiting for the lock); release the lock once all
+    are queued. Returns results."""
     import threading
     import time
 
@@ -265,9 +266,10 @@ def _queue_behind_blocker(store, db_url, jobs):
             time.sleep(0.001)
         for thread in threads[1:]:
             thread.start()
-        while len(store._group.queue) < len(jobs) - 1 and time.monotonic() < deadline:
+        # The leader takes its batch once it has the write lock: all of them queue up.
+        while len(store._group.queue) < len(jobs) and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert len(store._group.queue) == len(jobs) - 1
+        assert len(store._group.queue) == len(jobs)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
@@ -280,17 +282,28 @@ def _queue_behind_blocker(store, db_url, jobs):
 def test_concurrent_adds_share_one_commit(store, db_url, monkeypatch):
     batches = []
     commit = store._commit_batch
-    monkeypatch.setattr(store, "_commit_batch", lambda batch: (batches.append(len(batch)),
-                                                               commit(batch))[1])
+
+    def counting(take):
+        def counted():
+            batch = take()
+            batches.append(len(batch))
+            return batch
+        return commit(counted)
+
+    monkeypatch.setattr(store, "_commit_batch", counting)
+    earlier = report(x="stored before")
+    store.add(earlier, ["ooni"])
     same = report()
-    reports = [report() for _ in range(10)] + [same, dict(same, x=1)]
+    reports = [report() for _ in range(10)] + [same, dict(same, x=1), dict(earlier, x=2)]
     results = _queue_behind_blocker(store, db_url,
                                     [lambda r=r: store.add(r, ["ooni"]) for r in reports])
-    assert batches == [1, len(reports) - 1]  # the leader alone, then everything queued
-    assert [created for _, created in results] == [True] * 11 + [False]
-    assert results[-1][0] == same  # a duplicate in the same batch sees the first one
-    assert store.count() == 11
-    assert store.backlog()["ooni"]["pending"] == 11
+    assert batches == [1, len(reports)]  # earlier, then the leader and all that queued
+    assert [created for _, created in results] == [True] * 11 + [False, False]
+    assert results[-2][0] == same  # a duplicate in the same batch sees the first one
+    assert results[-1][0] == earlier  # and one of an earlier batch the stored one
+    assert store.count() == 12
+    assert store.backlog()["ooni"]["pending"] == 12
+    assert all(store.get(r["uuid"]) == r for r in reports[:11])
 
 
 @SQLITE_ONLY

@@ -5,11 +5,17 @@ the fork is the same in every worker. A client is known only by a keyed hash: HM
 its address (IPv6: its /64) under a random key made at start-up and held only in memory. The
 table keeps 8 bytes of that hash, never an address, in anonymous memory (memfd), not on disk.
 
-Cross-process locking is an fcntl record lock on the shared file: the kernel drops it when a
-process dies, so a SIGKILLed worker cannot wedge the others. POSIX record locks belong to a
-process, so a thread lock serialises the threads of one worker first. It is taken once per
-request (token and in-flight slot together); giving a slot back needs the thread lock only,
-as each process writes only its own counter.
+Cross-process locking is a process-shared semaphore (multiprocessing.Lock), only ever tried
+without blocking: taking a free one is an atomic operation in user space, with no system call
+and no release of the GIL. A thread that finds it taken sleeps a moment (releasing the GIL, so
+a holder in the same process can finish) and tries again. A thread never holds the lock while
+it waits for the GIL at a system call; an fcntl lock, or a blocking wait, did exactly that on
+every request, and every other thread of both workers queued behind it. It is taken once per
+request (token and in-flight slot together) and once to give the slot back.
+
+A worker SIGKILLed while holding the lock would wedge the others, so the holder writes its pid
+beside the table, and a waiter that has waited STUCK_AFTER seconds takes over the lock of a
+holder that is gone (the takeover is serialised by an fcntl lock, taken only then).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import ipaddress
 import logging
 import math
 import mmap
+import multiprocessing
 import os
 import secrets
 import struct
@@ -39,10 +46,13 @@ log = logging.getLogger(__name__)
 BUCKETS = 65536  # client buckets in the shared table (24 bytes each: 1.5 MiB)
 PROBES = 8  # buckets looked at per client; the most idle one is reused when all are taken
 MAX_PROCESSES = 256  # in-flight counters, one per worker process (workers <= 256)
+STUCK_AFTER = 1.0  # seconds a waiter waits before it checks whether the lock holder is alive
+_HOLDER = struct.Struct("<q")  # pid of the process holding the lock (0: none), at offset 0
 _BUCKET = struct.Struct("<Qdd")  # hashed client, tokens, monotonic time of the last update
 _SLOT = struct.Struct("<ii")  # pid, requests in flight
 _SLOTS = struct.Struct(f"<{2 * MAX_PROCESSES}i")
-_BUCKETS_AT = _SLOTS.size
+_SLOTS_AT = _HOLDER.size
+_BUCKETS_AT = _SLOTS_AT + _SLOTS.size
 
 
 class Busy(ReportError):
@@ -63,20 +73,46 @@ class SharedMemory:
             self.fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115
         os.ftruncate(self.fd, size)
         self.buf = mmap.mmap(self.fd, size)
-        self.thread_lock = threading.Lock()  # taken first: serialises this process's threads
+        self._sem = multiprocessing.Lock()
         self.pid = os.getpid()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        self.thread_lock = threading.Lock()  # a lock held by another thread at fork stays held
         self.pid = os.getpid()
 
     @contextmanager
     def lock(self) -> Iterator[memoryview | mmap.mmap]:
-        with self.thread_lock:
+        if not self._sem.acquire(False):
+            self._wait()
+        _HOLDER.pack_into(self.buf, 0, self.pid)
+        try:
+            yield self.buf
+        finally:
+            _HOLDER.pack_into(self.buf, 0, 0)
+            self._sem.release()
+
+    def _wait(self) -> None:
+        """Take the lock held by someone else: retry after short sleeps; after STUCK_AFTER,
+        take it over if its holder died holding it."""
+        delay = 20e-6
+        deadline = time.monotonic() + STUCK_AFTER
+        nobody_seen = False
+        while not self._sem.acquire(False):
+            time.sleep(delay)
+            delay = min(delay * 2, 0.001)
+            if time.monotonic() < deadline:
+                continue
+            deadline = time.monotonic() + STUCK_AFTER
             fcntl.lockf(self.fd, fcntl.LOCK_EX)
             try:
-                yield self.buf
+                holder = _HOLDER.unpack_from(self.buf, 0)[0]
+                # Holder 0 twice: it died between taking the lock and writing its pid.
+                if (holder == 0 and nobody_seen) or (
+                        holder and holder != self.pid and not _alive(holder)):
+                    log.warning("limits_lock_recovered: a worker died holding it")
+                    _HOLDER.pack_into(self.buf, 0, self.pid)  # ours now, still taken
+                    return
+                nobody_seen = holder == 0
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
@@ -144,12 +180,12 @@ class InFlight:
         if self._slot is not None and self._slot[0] == pid:
             return self._slot[1]
         self._reap(buf)
-        pids = _SLOTS.unpack_from(buf, 0)[0::2]
+        pids = _SLOTS.unpack_from(buf, _SLOTS_AT)[0::2]
         if pid in pids:
             index = pids.index(pid)
         elif 0 in pids:
             index = pids.index(0)
-            _SLOT.pack_into(buf, index * _SLOT.size, pid, 0)
+            _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, pid, 0)
         else:
             return -1
         self._slot = (pid, index)
@@ -157,11 +193,11 @@ class InFlight:
 
     def _reap(self, buf: Any) -> bool:
         """Free the slots of processes that are gone; True if any was."""
-        values = _SLOTS.unpack_from(buf, 0)
+        values = _SLOTS.unpack_from(buf, _SLOTS_AT)
         freed = False
         for index, pid in enumerate(values[0::2]):
             if pid and pid != self.shm.pid and not _alive(pid):
-                _SLOT.pack_into(buf, index * _SLOT.size, 0, 0)
+                _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, 0, 0)
                 freed = True
         return freed
 
@@ -174,36 +210,25 @@ class InFlight:
         index = self._index(buf)
         if index < 0:  # more processes than slots: do not refuse for our own bookkeeping
             return True
-        total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
+        total = sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
         if total >= self.cap and self._reap(buf):
-            total = sum(_SLOTS.unpack_from(buf, 0)[1::2])
+            total = sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
         if total >= self.cap:
             return False
-        pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
-        _SLOT.pack_into(buf, index * _SLOT.size, pid, count + 1)
+        pid, count = _SLOT.unpack_from(buf, _SLOTS_AT + index * _SLOT.size)
+        _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, pid, count + 1)
         return True
 
     def leave(self) -> None:
-        """Give back a slot. Only this process writes its counter, so the thread lock is
-        enough: no cross-process lock (a system call each way) on the way out."""
-        slot = self._slot
-        if slot is None or slot[0] != self.shm.pid:  # no enter() in this process yet
-            with self.shm.lock() as buf:
-                index = self._index(buf)
-                if index >= 0:
-                    self._decrement(buf, index)
-            return
-        with self.shm.thread_lock:
-            self._decrement(self.shm.buf, slot[1])
-
-    @staticmethod
-    def _decrement(buf: Any, index: int) -> None:
-        pid, count = _SLOT.unpack_from(buf, index * _SLOT.size)
-        _SLOT.pack_into(buf, index * _SLOT.size, pid, max(0, count - 1))
+        with self.shm.lock() as buf:
+            index = self._index(buf)
+            if index >= 0:
+                pid, count = _SLOT.unpack_from(buf, _SLOTS_AT + index * _SLOT.size)
+                _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, pid, max(0, count - 1))
 
     def total(self) -> int:
         with self.shm.lock() as buf:
-            return sum(_SLOTS.unpack_from(buf, 0)[1::2])
+            return sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
 
 
 def _alive(pid: int) -> bool:

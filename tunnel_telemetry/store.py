@@ -97,6 +97,48 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+_ROWS_PER_STATEMENT = 200  # rows per multi-row INSERT (SQLite allows 32,766 variables)
+
+
+def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
+    """SQLiteStore.add for a batch: the same outcome per write as one ``insert`` each.
+
+    Inside the batch's write transaction nobody else inserts, so the uuids already stored are
+    known before inserting; a uuid twice in one batch is stored by its first write.
+    """
+    uuids = list({item.add[0]: None for item in adds})
+    stored: dict[str, Any] = {}
+    for start in range(0, len(uuids), _ROWS_PER_STATEMENT):
+        chunk = uuids[start:start + _ROWS_PER_STATEMENT]
+        marks = ",".join("?" * len(chunk))
+        stored.update(conn.execute(
+            f"SELECT uuid, body FROM reports WHERE uuid IN ({marks})",  # noqa: S608 - marks only
+            chunk).fetchall())
+    rows: list[tuple] = []
+    relays: list[tuple] = []
+    for item in adds:
+        uuid, received, body, relay_rows, report = item.add
+        if uuid in stored:
+            existing = stored[uuid]
+            item.result = (json.loads(existing) if isinstance(existing, str) else existing, False)
+            continue
+        stored[uuid] = report  # a later write of the same uuid in this batch gets this one
+        rows.append((uuid, received, body))
+        relays.extend(relay_rows)
+        item.result = (report, True)
+    for table, columns, values in (
+            ("reports", "uuid, received, body", rows),
+            ("relays", "uuid, destination, created, next_attempt, lease_owner, lease_until",
+             relays)):
+        width = columns.count(",") + 1
+        group = "(" + ",".join("?" * width) + ")"
+        for start in range(0, len(values), _ROWS_PER_STATEMENT):
+            chunk = values[start:start + _ROWS_PER_STATEMENT]
+            marks = ",".join([group] * len(chunk))
+            conn.execute(f"INSERT INTO {table} ({columns}) VALUES {marks}",  # noqa: S608
+                         [v for row in chunk for v in row])
+
+
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     uuid TEXT PRIMARY KEY,
@@ -124,9 +166,15 @@ CREATE INDEX IF NOT EXISTS relays_oldest ON relays (destination, state, created)
 
 @dataclass
 class _Write:
-    """One queued write: ``run(conn)`` inside a group transaction, then its outcome."""
+    """One queued write: ``run(conn)`` inside a group transaction, then its outcome.
+
+    ``add`` is set for a new report (uuid, received, body, relay rows, report): those of one
+    batch are inserted together, a few statements for the whole batch (each statement releases
+    and takes back the GIL, a thread switch when other threads wait for it).
+    """
 
     run: Callable[[sqlite3.Connection], Any]
+    add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     result: Any = None
@@ -138,8 +186,10 @@ class _GroupCommit:
 
     The first writer to arrive becomes the leader and commits everything queued in one
     transaction; writers arriving meanwhile queue up, and the first of them leads the next
-    transaction. No thread of its own (nothing to restart after fork), no added delay when
-    idle: a batch is whatever arrived during the previous commit.
+    transaction. The leader takes its batch only once it holds the database's write lock
+    (``commit`` calls ``take``): whatever queued while it waited for another process's commit
+    goes into this one. No thread of its own (nothing to restart after fork), no added delay
+    when idle.
     """
 
     def __init__(self) -> None:
@@ -147,7 +197,7 @@ class _GroupCommit:
         self.queue: list[_Write] = []
         self.leading = False
 
-    def submit(self, write: _Write, commit: Callable[[list[_Write]], None]) -> Any:
+    def submit(self, write: _Write, commit: Callable[[Callable[[], list[_Write]]], None]) -> Any:
         with self.lock:
             self.queue.append(write)
             lead = not self.leading
@@ -156,18 +206,27 @@ class _GroupCommit:
             write.done.wait()
             lead = write.lead
         if lead:
-            with self.lock:
-                batch, self.queue = self.queue, []
+            taken: list[_Write] = []
+
+            def take() -> list[_Write]:
+                with self.lock:
+                    batch, self.queue = self.queue, []
+                taken.extend(batch)
+                return batch
+
             try:
-                commit(batch)
+                commit(take)
             finally:
+                if not taken:  # commit failed before taking: its writes must still be answered
+                    for item in take():
+                        item.error = item.error or StoreUnavailable("store_error")
                 with self.lock:
                     if self.queue:  # hand over: the next leader commits what queued meanwhile
                         self.queue[0].lead = True
                         self.queue[0].done.set()
                     else:
                         self.leading = False
-                for item in batch:
+                for item in taken:
                     item.lead = False
                     item.done.set()
         if write.error is not None:
@@ -257,19 +316,28 @@ class SQLiteStore:
                     self.__dict__["_group_state"] = group
         return group[1]
 
-    def _grouped(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+    def _grouped(self, run: Callable[[sqlite3.Connection], Any],
+                 add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None) -> Any:
         """Run ``run(conn)`` in a transaction shared with concurrent writers; its result."""
-        return self._group.submit(_Write(run), self._commit_batch)
+        return self._group.submit(_Write(run, add), self._commit_batch)
 
-    def _commit_batch(self, batch: list[_Write]) -> None:
-        """Commit a batch in one transaction; if it fails, each write alone (one bad write
-        must not fail the others)."""
+    def _commit_batch(self, take: Callable[[], list[_Write]]) -> None:
+        """Commit the writes ``take()`` hands over once the write lock is held, in one
+        transaction; if that fails, each write alone (one bad write must not fail the others)."""
+        batch: list[_Write] | None = None
         try:
             with self._tx() as conn:
+                batch = take()
+                adds = [item for item in batch if item.add is not None]
+                if len(adds) > 1:
+                    _insert_reports(conn, adds)
                 for item in batch:
-                    item.result = item.run(conn)
+                    if item.add is None or len(adds) == 1:
+                        item.result = item.run(conn)
             return
         except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
+            if batch is None:
+                batch = take()
             if len(batch) == 1:
                 batch[0].result, batch[0].error = None, exc
                 return
@@ -338,7 +406,7 @@ class SQLiteStore:
                 )
             return report, True
 
-        return self._grouped(insert)
+        return self._grouped(insert, (uuid, now, body, relays, report))
 
     def get(self, uuid: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
