@@ -53,10 +53,16 @@ def _replace_ipv6(match: re.Match[str]) -> str:
 def scrub_text(text: str, extra: tuple[str, ...] = ()) -> str:
     """Replace IP addresses (and the given literal strings) in free text."""
     for literal in extra:
-        if literal:
+        # ASCII text without the literal needs no regex (Unicode case rules are the regex's).
+        if literal and (not text.isascii() or literal.lower() in text.lower()):
             text = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
-    text = _TOKEN.sub(_replace_ipv6, text)
-    return _IPV4.sub(PLACEHOLDER, text)
+    # Each pass only where it can match (an IPv6 address has 2+ colons, an IPv4 one 3 dots):
+    # most text has neither, and the token scan calls back into Python for every word.
+    if text.count(":") >= 2:
+        text = _TOKEN.sub(_replace_ipv6, text)
+    if text.count(".") >= 3:
+        text = _IPV4.sub(PLACEHOLDER, text)
+    return text
 
 
 def contains_ip(text: str) -> bool:
