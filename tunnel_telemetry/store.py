@@ -97,7 +97,17 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-_ROWS_PER_STATEMENT = 200  # rows per multi-row INSERT (SQLite allows 32,766 variables)
+# Rows per multi-row statement, largest first: a batch is cut into these sizes so that each
+# connection's statement cache holds a few statements, not one per batch size.
+_CHUNKS = (64, 16, 4, 1)
+
+
+def _chunks(values: list[Any]) -> Iterator[list[Any]]:
+    start = 0
+    for size in _CHUNKS:
+        while len(values) - start >= size:
+            yield values[start:start + size]
+            start += size
 
 
 def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
@@ -108,8 +118,7 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
     """
     uuids = list({item.add[0]: None for item in adds})
     stored: dict[str, Any] = {}
-    for start in range(0, len(uuids), _ROWS_PER_STATEMENT):
-        chunk = uuids[start:start + _ROWS_PER_STATEMENT]
+    for chunk in _chunks(uuids):
         marks = ",".join("?" * len(chunk))
         stored.update(conn.execute(
             f"SELECT uuid, body FROM reports WHERE uuid IN ({marks})",  # noqa: S608 - marks only
@@ -132,8 +141,7 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
              relays)):
         width = columns.count(",") + 1
         group = "(" + ",".join("?" * width) + ")"
-        for start in range(0, len(values), _ROWS_PER_STATEMENT):
-            chunk = values[start:start + _ROWS_PER_STATEMENT]
+        for chunk in _chunks(values):
             marks = ",".join([group] * len(chunk))
             conn.execute(f"INSERT INTO {table} ({columns}) VALUES {marks}",  # noqa: S608
                          [v for row in chunk for v in row])
