@@ -235,3 +235,23 @@ def test_no_proxy_is_respected(monkeypatch):
             http.close()
         assert classify_exception(info.value).reason == "connection-error"
         assert proxy.requests == []
+
+
+def test_base_url_path_is_kept():
+    with ScriptedCollector(Reply(200, {"report_id": "20240418T100000Z_x_IT_30722_n1_abc"}),
+                           Reply(200, {"measurement_uid": "20240418100001.1_IT_x"})) as srv:
+        c = ooni.OONIClient(srv.url + "/api/", timeout=5)
+        try:
+            assert c.send(stored()).state == "delivered"
+        finally:
+            c.close()
+        assert [r.path for r in srv.requests][:2] == [
+            "/api/report", "/api/report/20240418T100000Z_x_IT_30722_n1_abc"]
+
+
+def test_closed_transport_is_a_retryable_error():
+    http = RelayHTTP(closed_port_url(), 1)
+    http.close()
+    with pytest.raises(delivery.HTTP_ERRORS) as info:
+        http.post("/report", b"{}", (1.0, 1.0))
+    assert classify_exception(info.value).retryable

@@ -186,19 +186,22 @@ class RelayHTTP:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Accept": "*/*", "Content-Type": "application/json",
                         **(headers or {})}
-        kwargs: dict[str, Any] = {"num_pools": 4, "maxsize": pool_size, "block": False,
-                                  "retries": False}
+        kwargs: dict[str, Any] = {"maxsize": pool_size, "block": False, "retries": False}
         if urllib.parse.urlsplit(self.base_url).scheme == "https":
             kwargs.update(_ca_options())
         proxy = environment_proxy(self.base_url)
+        self.manager: urllib3.PoolManager | None = None
+        self.pool: urllib3.HTTPConnectionPool | None = None
         if proxy is None:
-            self.manager: urllib3.PoolManager = urllib3.PoolManager(**kwargs)
+            # One host: its connection pool, without a manager's per-call URL parsing.
+            self.pool = urllib3.connection_from_url(self.base_url, **kwargs)
+            self._prefix = urllib.parse.urlsplit(self.base_url).path
         elif proxy.lower().startswith("socks"):
             from urllib3.contrib.socks import SOCKSProxyManager  # needs PySocks, as requests
 
-            self.manager = SOCKSProxyManager(proxy, **kwargs)
+            self.manager = SOCKSProxyManager(proxy, num_pools=4, **kwargs)
         else:
-            self.manager = urllib3.ProxyManager(proxy, **kwargs)
+            self.manager = urllib3.ProxyManager(proxy, num_pools=4, **kwargs)
 
     def post(self, path: str, body: bytes | None,
              timeout: tuple[float, float]) -> urllib3.BaseHTTPResponse:
@@ -206,14 +209,19 @@ class RelayHTTP:
 
         Raises one of HTTP_ERRORS for network trouble (see classify_exception).
         """
-        return self.manager.urlopen(
-            "POST", self.base_url + path, body=body, headers=self.headers,
-            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-            retries=False, redirect=False, preload_content=True)
+        options = {"body": body, "headers": self.headers, "retries": False, "redirect": False,
+                   "preload_content": True,
+                   "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1])}
+        if self.pool is not None:
+            return self.pool.urlopen("POST", self._prefix + path, **options)
+        return self.manager.urlopen("POST", self.base_url + path, **options)
 
     def close(self) -> None:
         """Close every kept-alive connection."""
-        self.manager.clear()
+        if self.pool is not None:
+            self.pool.close()
+        if self.manager is not None:
+            self.manager.clear()
 
 
 def _ca_options() -> dict[str, str]:
