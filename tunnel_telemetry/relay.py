@@ -33,7 +33,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -607,7 +607,7 @@ class Relay:
             else:
                 futures[dest] = future
         if futures:
-            concurrent.futures.wait(futures.values(), timeout=self.config.relay_timeout)
+            _wait_all(futures.values(), self.config.relay_timeout)
         for dest, future in futures.items():
             if not future.done():
                 results[dest] = Outcome.retry("relay-timeout", "still trying in the background")
@@ -797,6 +797,20 @@ def pool_threads(config: Any) -> int:
     """Threads for first attempts: one per request thread and destination (capped)."""
     dests = (1 if config.ooni_relay else 0) + len(config.relay_url)
     return max(1, min(MAX_POOL_THREADS, config.threads * max(1, dests)))
+
+
+def _wait_all(futures: Iterable[concurrent.futures.Future], timeout: float) -> None:
+    """Wait until every future is done or ``timeout`` seconds have passed.
+
+    Like ``concurrent.futures.wait`` (all completed), on each future's own condition: no
+    waiter objects installed and removed on every future, about half the CPU per request.
+    """
+    end = time.monotonic() + timeout
+    for future in futures:
+        try:
+            future.exception(max(0.0, end - time.monotonic()))
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            pass
 
 
 def _rank(outcome: Outcome) -> int:
