@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
-import requests
 
 from tunnel_telemetry import delivery, ooni
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
@@ -296,5 +295,5 @@ def test_one_session_is_shared_by_threads(fake, client):
 
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(lambda _: go(), range(4))) == ["delivered"] * 4
-    assert isinstance(client.session, requests.Session)
+    assert isinstance(client.http, delivery.RelayHTTP)
     assert fake.stats()["connections"] <= 4

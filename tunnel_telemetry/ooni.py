@@ -1,7 +1,7 @@
 """OONI collector client: turns a stored, scrubbed report into an OONI measurement.
 
 Speaks OONI's report protocol (open ``POST /report``, submit ``POST /report/{id}``, close
-``POST /report/{id}/close``) over one keep-alive ``requests.Session``.  An open report is
+``POST /report/{id}/close``) over keep-alive urllib3 connections (``RelayHTTP``).  An open report is
 reused for every measurement with the same (probe_cc, probe_asn, UTC day, test version), so
 a report normally costs one round trip; reports are closed when the day rolls over and at
 shutdown (``close_stale()`` / ``close()``).  The measurement follows OONI's base data
@@ -19,10 +19,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
-
 from . import __version__
-from .delivery import Deadline, Outcome, classify_exception, classify_response, one_line
+from .delivery import (
+    HTTP_ERRORS,
+    Deadline,
+    Outcome,
+    RelayHTTP,
+    classify_exception,
+    classify_response,
+    json_body,
+    one_line,
+    response_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +117,11 @@ class OONIClient:
         software_name: str = SOFTWARE_NAME,
         software_version: str = __version__,
         test_version: str = TEST_VERSION,
-        session: requests.Session | None = None,
+        http: RelayHTTP | None = None,
+        pool_size: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``http``: the connections to use (default: new ones, ``pool_size`` kept alive)."""
         self.base_url = base_url.rstrip("/")
         self.collector_id = collector_id
         self.allow_public_endpoint = allow_public_endpoint
@@ -119,8 +129,8 @@ class OONIClient:
         self.software_name = software_name
         self.software_version = software_version
         self.test_version = test_version
-        self.session = session or requests.Session()
-        self.session.headers.setdefault("User-Agent", f"{software_name}/{software_version}")
+        self.http = http or RelayHTTP(
+            self.base_url, pool_size, {"User-Agent": f"{software_name}/{software_version}"})
         self.clock = clock
         self._lock = threading.Lock()
         self._reports: dict[tuple[str, str, str, str], OpenReport] = {}
@@ -160,7 +170,7 @@ class OONIClient:
                 except _ReportGone:
                     self._forget(rep)
                     return Outcome.failed("report-unknown", "OONI rejected a fresh report id")
-        except requests.RequestException as e:
+        except HTTP_ERRORS as e:
             return classify_exception(e)
 
     def open_reports(self) -> list[OpenReport]:
@@ -175,12 +185,12 @@ class OONIClient:
         return self._close_all(stale, timeout, budget)
 
     def close(self, timeout: float = 2.0, budget: float = 5.0) -> None:
-        """Close every open report (best effort, within ``budget`` s) and the HTTP session."""
+        """Close every open report (best effort, within ``budget`` s) and the connections."""
         with self._lock:
             reports = self._stale + list(self._reports.values())
             self._stale, self._reports = [], {}
         self._close_all(reports, timeout, budget)
-        self.session.close()
+        self.http.close()
 
     def _close_all(self, reports: list[OpenReport], timeout: float, budget: float) -> int:
         end = time.monotonic() + budget
@@ -260,16 +270,14 @@ class OONIClient:
             "test_start_time": start,
             "test_version": test_version,
         }
-        resp = self.session.post(f"{self.base_url}/report", json=body,
-                                 timeout=deadline.timeout())
-        with resp:
-            bad = classify_response(resp)
-            if bad is not None:
-                return _stage(bad, "open")
-            try:
-                rid = resp.json().get("report_id")
-            except (ValueError, AttributeError):
-                rid = None
+        resp = self.http.post("/report", json_body(body), deadline.timeout())
+        bad = classify_response(resp)
+        if bad is not None:
+            return _stage(bad, "open")
+        try:
+            rid = response_json(resp).get("report_id")
+        except (ValueError, AttributeError):
+            rid = None
         if not isinstance(rid, str) or not rid or "/" in rid:
             return Outcome.retry("bad-answer", "open: no report_id")
         log.info("ooni: opened a report for %s %s", cc, asn)
@@ -277,19 +285,18 @@ class OONIClient:
 
     def _submit(self, rep: OpenReport, base: dict[str, Any], deadline: Deadline) -> Outcome:
         content = dict(base, report_id=rep.report_id, test_start_time=rep.test_start_time)
-        resp = self.session.post(f"{self.base_url}/report/{rep.report_id}",
-                                 json={"format": "json", "content": content},
-                                 timeout=deadline.timeout())
-        with resp:
-            if resp.status_code in (404, 410):
-                raise _ReportGone()
-            bad = classify_response(resp)
-            if bad is not None:
-                return _stage(bad, "submit")
-            try:
-                answer = resp.json()
-            except ValueError:
-                answer = None
+        resp = self.http.post(f"/report/{rep.report_id}",
+                              json_body({"format": "json", "content": content}),
+                              deadline.timeout())
+        if resp.status in (404, 410):
+            raise _ReportGone()
+        bad = classify_response(resp)
+        if bad is not None:
+            return _stage(bad, "submit")
+        try:
+            answer = response_json(resp)
+        except ValueError:
+            answer = None
         if not isinstance(answer, dict):
             # Not OONI (a captive portal, a proxy's error page): the destination is in trouble,
             # not this report, so back off from it instead of trying every report in turn.
@@ -307,10 +314,8 @@ class OONIClient:
 
     def _close_report(self, rep: OpenReport, timeout: float) -> None:
         try:
-            resp = self.session.post(f"{self.base_url}/report/{rep.report_id}/close",
-                                     timeout=timeout)
-            resp.close()
-        except requests.RequestException as e:
+            self.http.post(f"/report/{rep.report_id}/close", None, (timeout, timeout))
+        except HTTP_ERRORS as e:
             log.info("ooni: closing a report failed (%s)", classify_exception(e).reason)
 
 

@@ -33,26 +33,27 @@ import threading
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import requests
-import requests.adapters
 
 from . import __version__
 from .delivery import (
     DELIVERED,
     EXPIRED,
     FAILED,
+    HTTP_ERRORS,
     PENDING,
     SKIPPED,
     Deadline,
     Outcome,
+    RelayHTTP,
     classify_exception,
     classify_response,
+    json_body,
     one_line,
     response_detail,
+    response_json,
 )
 from .errors import ReportError
 from .ooni import OONIClient, explorer_link, probe_location
@@ -150,10 +151,10 @@ class OONISender:
         self.concurrency = config.relay_concurrency
         self.batch_size = ROUNDS_PER_BATCH * self.concurrency
         # Keep-alive connections for the retry loop's and the first attempts' threads.
-        session = http_session(self.concurrency + pool_threads(config))
         self.client = OONIClient(config.ooni_api, collector_id=config.collector_id,
                                  allow_public_endpoint=config.allow_public_endpoint,
-                                 timeout=config.relay_attempt_timeout, session=session)
+                                 timeout=config.relay_attempt_timeout,
+                                 pool_size=self.concurrency + pool_threads(config))
 
     def precheck(self, report: Mapping[str, Any]) -> Outcome | None:
         if report.get("ooni-measurement-id"):
@@ -199,10 +200,10 @@ class CollectorSender:
         self.concurrency = 1
         self.allow_public_endpoint = config.allow_public_endpoint
         self.timeout = config.relay_attempt_timeout
-        self.session = http_session(1 + pool_threads(config))
-        self.session.headers["User-Agent"] = f"tunnel-telemetry/{__version__}"
+        headers = {"User-Agent": f"tunnel-telemetry/{__version__}"}
         if config.relay_token:
-            self.session.headers["Authorization"] = f"Bearer {config.relay_token}"
+            headers["Authorization"] = f"Bearer {config.relay_token}"
+        self.http = RelayHTTP(self.base_url, 1 + pool_threads(config), headers)
 
     def precheck(self, report: Mapping[str, Any]) -> Outcome | None:
         return None
@@ -214,24 +215,23 @@ class CollectorSender:
         body = [relayable(r, self.allow_public_endpoint) for r in reports]
         uuids = [r["uuid"] for r in reports]
         try:
-            resp = self.session.post(f"{self.base_url}/relay", json=body,
-                                     timeout=Deadline(budget, self.timeout).timeout())
-        except requests.RequestException as e:
+            resp = self.http.post("/relay", json_body(body),
+                                  Deadline(budget, self.timeout).timeout())
+        except HTTP_ERRORS as e:
             return dict.fromkeys(uuids, classify_exception(e))
-        with resp:
-            if resp.status_code in (401, 403):
-                # A token problem is the operator's to fix; the backlog waits for it.
-                return dict.fromkeys(uuids, Outcome.retry("unauthorized", response_detail(resp)))
-            bad = classify_response(resp)
-            if bad is not None:
-                return dict.fromkeys(uuids, bad)
-            try:
-                answer = resp.json()
-                stored = {str(u) for u in answer.get("stored", [])}
-                rejected = {str(item.get("uuid")): item for item in answer.get("rejected", [])
-                            if isinstance(item, dict)}
-            except (ValueError, AttributeError, TypeError):
-                return dict.fromkeys(uuids, Outcome.retry("bad-answer", "not a /relay answer"))
+        if resp.status in (401, 403):
+            # A token problem is the operator's to fix; the backlog waits for it.
+            return dict.fromkeys(uuids, Outcome.retry("unauthorized", response_detail(resp)))
+        bad = classify_response(resp)
+        if bad is not None:
+            return dict.fromkeys(uuids, bad)
+        try:
+            answer = response_json(resp)
+            stored = {str(u) for u in answer.get("stored", [])}
+            rejected = {str(item.get("uuid")): item for item in answer.get("rejected", [])
+                        if isinstance(item, dict)}
+        except (ValueError, AttributeError, TypeError):
+            return dict.fromkeys(uuids, Outcome.retry("bad-answer", "not a /relay answer"))
         out = {}
         for u in uuids:
             if u in stored:
@@ -252,7 +252,7 @@ class CollectorSender:
         """Nothing to do."""
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
 
 
 @dataclass
@@ -607,7 +607,7 @@ class Relay:
             else:
                 futures[dest] = future
         if futures:
-            concurrent.futures.wait(futures.values(), timeout=self.config.relay_timeout)
+            _wait_all(futures.values(), self.config.relay_timeout)
         for dest, future in futures.items():
             if not future.done():
                 results[dest] = Outcome.retry("relay-timeout", "still trying in the background")
@@ -799,14 +799,18 @@ def pool_threads(config: Any) -> int:
     return max(1, min(MAX_POOL_THREADS, config.threads * max(1, dests)))
 
 
-def http_session(pool_size: int) -> requests.Session:
-    """A keep-alive session whose connection pool holds ``pool_size`` connections per host
-    (requests' default of 10 would drop and reopen connections under more threads)."""
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def _wait_all(futures: Iterable[concurrent.futures.Future], timeout: float) -> None:
+    """Wait until every future is done or ``timeout`` seconds have passed.
+
+    Like ``concurrent.futures.wait`` (all completed), on each future's own condition: no
+    waiter objects installed and removed on every future, about half the CPU per request.
+    """
+    end = time.monotonic() + timeout
+    for future in futures:
+        try:
+            future.exception(max(0.0, end - time.monotonic()))
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            pass
 
 
 def _rank(outcome: Outcome) -> int:
