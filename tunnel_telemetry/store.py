@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -251,6 +252,10 @@ class SQLiteStore:
         self.path = path
         self.busy_timeout = busy_timeout
         self._local = threading.local()
+        # The group commit's connection: one per process, used by whichever thread leads, so
+        # its page cache stays warm from one batch to the next (a thread's own connection
+        # would re-read every page other connections changed since it last wrote).
+        self._writer = types.SimpleNamespace()
         self._opened: list[tuple[int, sqlite3.Connection, int]] = []
         folder = os.path.dirname(os.path.abspath(path))
         try:
@@ -274,9 +279,10 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return conn
 
-    def _handles(self) -> tuple[sqlite3.Connection, int]:
-        """This thread's connection and writer-lock file descriptor (opened on first use)."""
-        local = self._local
+    def _handles(self, local: Any = None) -> tuple[sqlite3.Connection, int]:
+        """This thread's connection and writer-lock file descriptor (opened on first use);
+        ``local``: another holder of them (the group commit's)."""
+        local = self._local if local is None else local
         if getattr(local, "pid", None) != os.getpid():
             local.file = _file_id(self.path)  # before connecting: a later swap is caught
             conn = self._connect()
@@ -291,19 +297,20 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         return self._handles()[0]
 
-    def _checked_handles(self) -> tuple[sqlite3.Connection, int]:
+    def _checked_handles(self, local: Any = None) -> tuple[sqlite3.Connection, int]:
         """This thread's handles, if the file they have open is still the one at ``path``.
 
         An open SQLite file that is deleted or replaced keeps working through its descriptor:
         reports written there are acknowledged and then lost. Checked before every write (one
         stat); the handles are dropped so the next use opens whatever is there now.
         """
-        handles = self._handles()
-        if _file_id(self.path) != self._local.file:
+        local = self._local if local is None else local
+        handles = self._handles(local)
+        if _file_id(self.path) != local.file:
             conn, lock = handles
             with _FORK_LOCK:
                 self._opened = [h for h in self._opened if h[1] is not conn]
-            self._local.pid = None
+            local.pid = None
             try:
                 conn.close()
             except sqlite3.Error:
@@ -334,7 +341,7 @@ class SQLiteStore:
         transaction; if that fails, each write alone (one bad write must not fail the others)."""
         batch: list[_Write] | None = None
         try:
-            with self._tx() as conn:
+            with self._tx(self._writer) as conn:
                 batch = take()
                 adds = [item for item in batch if item.add is not None]
                 if len(adds) > 1:
@@ -351,16 +358,19 @@ class SQLiteStore:
                 return
         for item in batch:
             try:
-                with self._tx() as conn:
+                with self._tx(self._writer) as conn:
                     item.result = item.run(conn)
             except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
                 item.result, item.error = None, exc
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """An immediate (write-locking) transaction; any SQLite error becomes a 503."""
+    def _tx(self, local: Any = None) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locking) transaction; any SQLite error becomes a 503.
+
+        ``local``: whose connection to use (default this thread's).
+        """
         try:
-            conn, lock = self._checked_handles()
+            conn, lock = self._checked_handles(local)
         except sqlite3.Error as exc:
             log.error("store error: %s %s", type(exc).__name__, sqlite_reason(exc))
             raise StoreUnavailable("store_error") from None
@@ -552,11 +562,15 @@ class SQLiteStore:
         return self._conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
 
     def ping(self) -> bool:
-        try:
-            self._checked_handles()[0].execute("SELECT 1 FROM reports LIMIT 1").fetchall()
-        except sqlite3.Error:
-            return False
-        return True
+        """Whether the database at ``path`` answers; a connection to a file that has been
+        replaced since is dropped and the one there now is tried."""
+        for _ in range(2):
+            try:
+                self._checked_handles()[0].execute("SELECT 1 FROM reports LIMIT 1").fetchall()
+            except sqlite3.Error:
+                continue
+            return True
+        return False
 
     def close(self) -> None:
         """Close every connection this process opened (any thread's); a parent's, inherited
@@ -566,6 +580,7 @@ class SQLiteStore:
             mine = [h for h in self._opened if h[0] == pid]
             self._opened = [h for h in self._opened if h[0] != pid]
             self._local = threading.local()
+            self._writer = types.SimpleNamespace()
         for _, conn, lock in mine:
             conn.close()
             os.close(lock)
