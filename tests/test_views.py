@@ -131,7 +131,8 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
     store = app.extensions["tunnel_telemetry"].store
     if store.backend != "sqlite":
         pytest.skip("fakes SQLite internals; PostgreSQL's 503s are in test_store*.py")
-    conn, lock = store._handles()
+    writer = store._writer  # the group commit's connection: every report goes through it
+    conn, lock = store._handles(writer)
 
     class FullDisk:
         in_transaction = False
@@ -139,12 +140,12 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
         def execute(self, *args):
             raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(store._local, "handles", (FullDisk(), lock))
+    monkeypatch.setattr(writer, "handles", (FullDisk(), lock))
     resp = post(client, make_report())
     assert resp.status_code == 503
     assert resp.headers["Retry-After"]
     assert resp.get_json()["ok"] is False
-    monkeypatch.setattr(store._local, "handles", (conn, lock))
+    monkeypatch.setattr(writer, "handles", (conn, lock))
     assert store.count() == 0
 
 
