@@ -185,6 +185,35 @@ def test_the_lock_excludes_threads_of_several_processes(limits):
     assert int.from_bytes(limit.shm.buf[-8:], "little") == 6 * 500
 
 
+def test_without_posix_semaphores_an_fcntl_lock_is_used(monkeypatch, caplog):
+    """A container without /dev/shm cannot make a multiprocessing.Lock: still start, and
+    still share one budget across processes."""
+    import tunnel_telemetry.limits as limits_module
+
+    def no_semaphores():
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(limits_module.multiprocessing, "Lock", no_semaphores)
+    limit = limits_for(max_in_flight=4, rate_limit=60, rate_limit_burst=2)
+    try:
+        assert limit.shm._sem is None
+        assert "limits_slow_lock" in caplog.text
+        ctx = multiprocessing.get_context("fork")
+        done = ctx.Queue()
+        child = ctx.Process(target=_count_under_the_lock, args=(limit, 300, done))
+        child.start()
+        _count_under_the_lock(limit, 300, done)
+        for _ in range(2):
+            done.get(timeout=30)
+        child.join(10)
+        child.close()
+        done.close()
+        done.join_thread()
+        assert int.from_bytes(limit.shm.buf[-8:], "little") == 600
+    finally:
+        limit.close()
+
+
 def test_client_in_flight_is_per_client(limits):
     limit = limits(max_in_flight_per_client=1, rate_limit=0, max_in_flight=0)
     first = limit.admit("192.0.2.1")

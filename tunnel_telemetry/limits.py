@@ -73,15 +73,29 @@ class SharedMemory:
             self.fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115
         os.ftruncate(self.fd, size)
         self.buf = mmap.mmap(self.fd, size)
-        self._sem = multiprocessing.Lock()
+        try:
+            self._sem: Any = multiprocessing.Lock()
+        except (OSError, ImportError):  # no POSIX semaphores (a container without /dev/shm)
+            log.warning("limits_slow_lock: no POSIX semaphores here; using an fcntl lock")
+            self._sem = None
+        self._thread_lock = threading.Lock()
         self.pid = os.getpid()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
         self.pid = os.getpid()
+        self._thread_lock = threading.Lock()  # a lock held by another thread at fork stays held
 
     @contextmanager
     def lock(self) -> Iterator[memoryview | mmap.mmap]:
+        if self._sem is None:  # the slower fallback: a thread lock, then a record lock
+            with self._thread_lock:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+                try:
+                    yield self.buf
+                finally:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            return
         if not self._sem.acquire(False):
             self._wait()
         _HOLDER.pack_into(self.buf, 0, self.pid)
