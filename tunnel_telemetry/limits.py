@@ -11,7 +11,8 @@ and no release of the GIL. A thread that finds it taken sleeps a moment (releasi
 a holder in the same process can finish) and tries again. A thread never holds the lock while
 it waits for the GIL at a system call; an fcntl lock, or a blocking wait, did exactly that on
 every request, and every other thread of both workers queued behind it. It is taken once per
-request (token and in-flight slot together) and once to give the slot back.
+request (token and in-flight slot together) and once to give the slot back. Where POSIX
+semaphores are missing (a container without /dev/shm) the fcntl lock is used instead, slower.
 
 A worker SIGKILLed while holding the lock would wedge the others, so the holder writes its pid
 beside the table, and a waiter that has waited STUCK_AFTER seconds takes over the lock of a
@@ -53,6 +54,11 @@ _SLOT = struct.Struct("<ii")  # pid, requests in flight
 _SLOTS = struct.Struct(f"<{2 * MAX_PROCESSES}i")
 _SLOTS_AT = _HOLDER.size
 _BUCKETS_AT = _SLOTS_AT + _SLOTS.size
+
+
+def _slot_at(index: int) -> int:
+    """Offset of the index-th process's in-flight counter in the table."""
+    return _SLOTS_AT + index * _SLOT.size
 
 
 class Busy(ReportError):
@@ -199,7 +205,7 @@ class InFlight:
             index = pids.index(pid)
         elif 0 in pids:
             index = pids.index(0)
-            _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, pid, 0)
+            _SLOT.pack_into(buf, _slot_at(index), pid, 0)
         else:
             return -1
         self._slot = (pid, index)
@@ -211,7 +217,7 @@ class InFlight:
         freed = False
         for index, pid in enumerate(values[0::2]):
             if pid and pid != self.shm.pid and not _alive(pid):
-                _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, 0, 0)
+                _SLOT.pack_into(buf, _slot_at(index), 0, 0)
                 freed = True
         return freed
 
@@ -229,16 +235,16 @@ class InFlight:
             total = sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
         if total >= self.cap:
             return False
-        pid, count = _SLOT.unpack_from(buf, _SLOTS_AT + index * _SLOT.size)
-        _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, pid, count + 1)
+        pid, count = _SLOT.unpack_from(buf, _slot_at(index))
+        _SLOT.pack_into(buf, _slot_at(index), pid, count + 1)
         return True
 
     def leave(self) -> None:
         with self.shm.lock() as buf:
             index = self._index(buf)
             if index >= 0:
-                pid, count = _SLOT.unpack_from(buf, _SLOTS_AT + index * _SLOT.size)
-                _SLOT.pack_into(buf, _SLOTS_AT + index * _SLOT.size, pid, max(0, count - 1))
+                pid, count = _SLOT.unpack_from(buf, _slot_at(index))
+                _SLOT.pack_into(buf, _slot_at(index), pid, max(0, count - 1))
 
     def total(self) -> int:
         with self.shm.lock() as buf:

@@ -148,6 +148,16 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
                          [v for row in chunk for v in row])
 
 
+def _run_writes(conn: sqlite3.Connection, writes: list[_Write]) -> None:
+    """Run queued writes in the caller's transaction: new reports together, the rest each."""
+    adds = [item for item in writes if item.add is not None]
+    if adds:
+        _insert_reports(conn, adds)
+    for item in writes:
+        if item.run is not None:
+            item.result = item.run(conn)
+
+
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     uuid TEXT PRIMARY KEY,
@@ -182,7 +192,7 @@ class _Write:
     and takes back the GIL, a thread switch when other threads wait for it).
     """
 
-    run: Callable[[sqlite3.Connection], Any]
+    run: Callable[[sqlite3.Connection], Any] | None
     add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
@@ -331,7 +341,7 @@ class SQLiteStore:
                     self.__dict__["_group_state"] = group
         return group[1]
 
-    def _grouped(self, run: Callable[[sqlite3.Connection], Any],
+    def _grouped(self, run: Callable[[sqlite3.Connection], Any] | None,
                  add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None) -> Any:
         """Run ``run(conn)`` in a transaction shared with concurrent writers; its result."""
         return self._group.submit(_Write(run, add), self._commit_batch)
@@ -343,12 +353,7 @@ class SQLiteStore:
         try:
             with self._tx(self._writer) as conn:
                 batch = take()
-                adds = [item for item in batch if item.add is not None]
-                if len(adds) > 1:
-                    _insert_reports(conn, adds)
-                for item in batch:
-                    if item.add is None or len(adds) == 1:
-                        item.result = item.run(conn)
+                _run_writes(conn, batch)
             return
         except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
             if batch is None:
@@ -359,7 +364,7 @@ class SQLiteStore:
         for item in batch:
             try:
                 with self._tx(self._writer) as conn:
-                    item.result = item.run(conn)
+                    _run_writes(conn, [item])
             except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
                 item.result, item.error = None, exc
 
@@ -407,24 +412,7 @@ class SQLiteStore:
         lease_until = now + lease_seconds if lease_owner else None
         relays = [(uuid, dest, now, now, lease_owner, lease_until) for dest in destinations]
 
-        def insert(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
-            cur = conn.execute(
-                "INSERT INTO reports (uuid, received, body) VALUES (?, ?, ?) "
-                "ON CONFLICT (uuid) DO NOTHING",
-                (uuid, now, body),
-            )
-            if cur.rowcount == 0:
-                row = conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
-                return json.loads(row[0]), False
-            if relays:
-                conn.executemany(
-                    "INSERT INTO relays (uuid, destination, created, next_attempt, lease_owner, "
-                    "lease_until) VALUES (?, ?, ?, ?, ?, ?)",
-                    relays,
-                )
-            return report, True
-
-        return self._grouped(insert, (uuid, now, body, relays, report))
+        return self._grouped(None, (uuid, now, body, relays, report))
 
     def get(self, uuid: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
