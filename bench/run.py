@@ -41,6 +41,8 @@ sys.path.insert(0, str(HERE))
 from prefill import prefill  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# tt-server's gunicorn worker; the echo baseline runs under the same one.
+WORKER_CLASS = "tunnel_telemetry.worker.CollectorWorker"
 SCENARIOS = ("ingest", "ingest-pg", "relay", "growth", "drain", "memory")
 NA_RELAY = "n/a (relay not available)"
 
@@ -220,7 +222,8 @@ class Bench:
         # per-client rate limit would turn most of it into 429s. It stays on (its cost is part
         # of every request), with a budget no bench client reaches.
         args = ["--database-url", database_url, "--proxy-hops", "1",
-                "--workers", str(self.args.workers), "--threads", str(self.args.threads),
+                "--workers", str(self.args.workers),
+                "--worker-connections", str(self.args.worker_connections),
                 "--rate-limit", "600000", "--rate-limit-burst", "100000"]
         country, asn = self.geo_dbs
         if country:
@@ -243,7 +246,8 @@ class Bench:
         port = free_port()
         cmd = [sys.executable, "-m", "gunicorn", "--chdir", str(HERE), "--bind",
                f"127.0.0.1:{port}", "--workers", str(self.args.workers),
-               "--worker-class", "gthread", "--threads", str(self.args.threads),
+               "--worker-class", WORKER_CLASS,
+               "--worker-connections", str(self.args.worker_connections),
                "--keep-alive", "5", "--preload", "echo_app:app"]
         server = Server(folder, env=self.env, port=port, command=cmd, cwd=folder)
         server.workers = self.args.workers
@@ -752,10 +756,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="gunicorn workers for tt-server and the baseline (default: CPU count)")
-    threads = OPTION_BY_NAME["threads"].default
-    p.add_argument("--threads", type=int, default=threads,
-                   help=f"threads per worker for tt-server and the baseline (default {threads}, "
-                        "tt-server's)")
+    connections = OPTION_BY_NAME["worker-connections"].default
+    p.add_argument("--worker-connections", type=int, default=connections,
+                   help="connections per worker for tt-server and the baseline (default "
+                        f"{connections}, tt-server's)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra tt-server argument (repeatable), e.g. --server-arg=--debug")
     p.add_argument("--ooni-latency-ms", type=float, default=50.0,
@@ -832,8 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'Smoke run' if args.smoke else 'Run'} {result['started']}, commit "
           f"{info['commit']}, {info['cpus']} × {info['cpu_model']}, load average "
-          f"{info['loadavg_start']} → {info['loadavg_end']}; workers {args.workers}, threads "
-          f"{args.threads}, {args.duration} s per measurement\n")
+          f"{info['loadavg_start']} → {info['loadavg_end']}; workers {args.workers} (gevent, "
+          f"{args.worker_connections} connections each), {args.duration} s per measurement\n")
     print(markdown(bench.rows))
     print(f"\nJSON: {path}")
     if failed:

@@ -18,14 +18,14 @@ from tunnel_telemetry.testing.server import wait_for
 pytestmark = pytest.mark.e2e
 
 IT = {"client_asn": "AS30722", "client_cc": "IT"}
-THREADS = 4  # first attempts: a pool of threads x destinations per worker
-LOOP_CONCURRENCY = 4  # the retry loop's submissions in flight per worker
+CLIENTS = 4  # posting threads
+LOOP_CONCURRENCY = 4  # relay-concurrency: first attempts, and retries, in flight per worker
 
 
 class Load:
     """Client threads posting reports with their own uuids until stopped."""
 
-    def __init__(self, url, threads=4):
+    def __init__(self, url, threads=CLIENTS):
         self.url = url
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -79,7 +79,7 @@ def backlog(server):
 
 def test_sigkill_workers_and_master_under_load(tt_server):
     with FakeOONI(latency=0.02) as fake:
-        server = tt_server("--workers", "2", "--threads", str(THREADS), "--ooni-relay",
+        server = tt_server("--workers", "2", "--ooni-relay",
                            "--relay-concurrency", str(LOOP_CONCURRENCY),
                            "--ooni-api", fake.url, "--relay-timeout", "0",
                            "--relay-attempt-timeout", "1s", "--relay-interval", "100ms",
@@ -146,7 +146,7 @@ def test_sigkill_workers_and_master_under_load(tt_server):
         assert set(delivered) <= set(stored)
         # A duplicate is a report whose relay a kill interrupted: OONI had taken it (its first
         # copy arrived around the kill) but the killed process never recorded that. A worker
-        # has up to THREADS first attempts and LOOP_CONCURRENCY retries in flight.
+        # has up to LOOP_CONCURRENCY first attempts and as many retries in flight.
         first_seen = {}
         for measurement in fake.measurements:
             first_seen.setdefault(measurement.uuid, measurement.received)
@@ -155,7 +155,7 @@ def test_sigkill_workers_and_master_under_load(tt_server):
             assert copies == 2, (report_uuid, copies)
             assert any(at - 2.0 <= first_seen[report_uuid] <= at + 1.0 for at, _ in kills), (
                 "a duplicate that no kill explains")
-        assert len(duplicates) <= sum(n for _, n in kills) * (THREADS + LOOP_CONCURRENCY), (
+        assert len(duplicates) <= sum(n for _, n in kills) * 2 * LOOP_CONCURRENCY, (
             duplicates)
         # The only refusals: a submission cut in half by a kill, a report closed meanwhile.
         assert all(r.startswith(("submit 400: body is not JSON", "submit 404"))

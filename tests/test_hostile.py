@@ -41,7 +41,7 @@ class Answer:
 
 
 def start_server(path, *args):
-    server = TTServer(path, ["--workers", "1", "--threads", "4", "--collector-id", "hostile",
+    server = TTServer(path, ["--workers", "1", "--collector-id", "hostile",
                              "--rate-limit", "0",
                              "--database-url", f"sqlite:///{path}/reports.db", *args])
     return server.start()

@@ -100,7 +100,7 @@ def test_restart_with_a_pending_backlog_that_drains(tt_server, fake):
 def test_no_duplicate_delivery_across_workers_and_retry_loops(tt_server, fake):
     fake.fail(503, probability=0.4)
     fake.set_latency(0.01)
-    a = tt_server("--ooni-relay", "--ooni-api", fake.url, "--workers", "4", "--threads", "4",
+    a = tt_server("--ooni-relay", "--ooni-api", fake.url, "--workers", "4",
                   "--relay-interval", "50ms", "--relay-retry-min", "50ms",
                   "--relay-retry-max", "200ms")
     wait_until(lambda: len(a.worker_pids()) == 4, what="4 workers")
@@ -152,6 +152,8 @@ def test_chain_a_to_b_keeps_client_ip_and_endpoint_from_b(tt_server, fake, geo_d
     wait_until(lambda: fake.stats()["submissions"] == 1, what="B relayed on to OONI")
     store = db_of(b)
     try:
+        # OONI answered; B records the measurement id right after.
+        wait_until(lambda: "ooni-measurement-id" in store.get(body["uuid"]), what="B's link")
         at_b = store.get(body["uuid"])
     finally:
         store.close()

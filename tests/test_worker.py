@@ -68,7 +68,7 @@ def test_slow_clients_do_not_stop_others(tt_server):
     """Idle sockets, trickled heads (new and kept-alive) and stalled bodies at once, on a
     worker with two threads: other clients are still served, and the slow ones are cut off
     with a 408 at their deadline."""
-    server = tt_server("--workers", "1", "--threads", "2", "--proxy-hops", "1",
+    server = tt_server("--workers", "1", "--worker-connections", "16", "--proxy-hops", "1",
                        "--rate-limit", "0", "--header-timeout", f"{HEADER_TIMEOUT}s",
                        "--request-timeout", f"{REQUEST_TIMEOUT}s")
     sockets, tricklers = [], []
@@ -127,7 +127,7 @@ def test_slow_clients_do_not_stop_others(tt_server):
 
 def test_a_slow_body_cannot_take_more_than_its_share(tt_server):
     """One client address holds at most max-in-flight-per-client threads of a worker."""
-    server = tt_server("--workers", "1", "--threads", "4", "--proxy-hops", "1",
+    server = tt_server("--workers", "1", "--worker-connections", "16", "--proxy-hops", "1",
                        "--rate-limit", "0", "--max-in-flight-per-client", "1")
     held = []
     try:

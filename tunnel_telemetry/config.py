@@ -161,7 +161,8 @@ OPTIONS: tuple[Option, ...] = (
            "How often each worker's retry loop looks for reports due for a retry."),
     Option("relay-batch", "int", 50, "Reports per batch sent to a secondary collector (1-100)."),
     Option("relay-concurrency", "int", 32,
-           "OONI submissions each worker's retry loop keeps in flight at once (1-256)."),
+           "Reports each worker sends to one destination at once: first attempts of new "
+           "reports, and the retry loop's OONI submissions (1-256)."),
     Option("autotls", "bool", False, "Obtain and renew TLS certificates automatically (ACME)."),
     Option("hostname", "str", None, "Host name to get the autotls certificate for."),
     Option("autotls-cache-dir", "str", "/var/www/.cache",
@@ -197,16 +198,16 @@ OPTIONS: tuple[Option, ...] = (
            "store included); more get 503 with Retry-After (0: off)."),
     Option("max-in-flight-per-client", "int", 2,
            "Request bodies one client address may be sending to one worker process at once "
-           "(a slow upload holds a thread); more get 429 (0: off)."),
+           "(a slow upload holds a connection); more get 429 (0: off)."),
     Option("header-timeout", "duration", 10.0,
            "Time a client has, from its first byte, to send the request line and headers."),
     Option("request-timeout", "duration", 30.0,
            "Time a client has to send a whole request, body included (slow clients are cut "
            "off with 408)."),
     Option("workers", "int", None, "Gunicorn worker processes (default: CPU count)."),
-    # 32: requests waiting on the store's group commit or on a relay attempt hold a thread
-    # each; more of them make bigger commits and more relay attempts at once (docs/benchmarks.md).
-    Option("threads", "int", 32, "Threads per gunicorn worker (gthread worker class)."),
+    Option("worker-connections", "int", 1000,
+           "Connections one worker serves at once (gevent worker: a greenlet each); more "
+           "wait to be accepted."),
     Option("access-log", "bool", True,
            "Log one line per request (no addresses); costs ~8% CPU per report at high rates."),
     Option("debug", "bool", False, "Debug logging."),
@@ -308,8 +309,8 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("proxy-header: must be an HTTP header name")
     if config.workers is not None and not 1 <= config.workers <= 256:
         raise ConfigError("workers: must be between 1 and 256")
-    if not 1 <= config.threads <= 256:
-        raise ConfigError("threads: must be between 1 and 256")
+    if not 1 <= config.worker_connections <= 100_000:
+        raise ConfigError("worker-connections: must be between 1 and 100000")
     if not 1024 <= config.max_report_size <= 16 * 1024 * 1024:
         raise ConfigError("max-report-size: must be between 1024 and 16777216 bytes")
     for name in ("rate-limit", "max-in-flight", "max-in-flight-per-client"):

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -179,6 +180,10 @@ class RelayHTTP:
     would use (``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE``, else certifi's); a proxy named
     by the environment for ``base_url`` (``HTTPS_PROXY``, ``NO_PROXY``, ...) is used as
     requests did.  Keeps up to ``pool_size`` connections per host.
+
+    Connections are made per process, on first use: none is shared with a forked worker, and
+    in a gevent worker the TLS context comes from the ``ssl`` module as patched there (a
+    context made before the patch would block the whole worker on every read).
     """
 
     def __init__(self, base_url: str, pool_size: int,
@@ -186,22 +191,33 @@ class RelayHTTP:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Accept": "*/*", "Content-Type": "application/json",
                         **(headers or {})}
-        kwargs: dict[str, Any] = {"maxsize": pool_size, "block": False, "retries": False}
-        if urllib.parse.urlsplit(self.base_url).scheme == "https":
-            kwargs.update(_ca_options())
-        proxy = environment_proxy(self.base_url)
+        self._kwargs: dict[str, Any] = {"maxsize": pool_size, "block": False, "retries": False}
+        self._tls = urllib.parse.urlsplit(self.base_url).scheme == "https"
+        if self._tls:
+            self._kwargs.update(_ca_options())
+        self._proxy = environment_proxy(self.base_url)
+        self._prefix = urllib.parse.urlsplit(self.base_url).path
+        self._pid: int | None = None
         self.manager: urllib3.PoolManager | None = None
         self.pool: urllib3.HTTPConnectionPool | None = None
+
+    def _connect(self) -> None:
+        """This process's connection pool (or proxy manager)."""
+        kwargs = dict(self._kwargs)
+        if self._tls:
+            kwargs["ssl_context"] = _tls_context(kwargs.pop("ca_certs", None),
+                                                 kwargs.pop("ca_cert_dir", None))
+        proxy = self._proxy
         if proxy is None:
             # One host: its connection pool, without a manager's per-call URL parsing.
             self.pool = urllib3.connection_from_url(self.base_url, **kwargs)
-            self._prefix = urllib.parse.urlsplit(self.base_url).path
         elif proxy.lower().startswith("socks"):
             from urllib3.contrib.socks import SOCKSProxyManager  # needs PySocks, as requests
 
             self.manager = SOCKSProxyManager(proxy, num_pools=4, **kwargs)
         else:
             self.manager = urllib3.ProxyManager(proxy, num_pools=4, **kwargs)
+        self._pid = os.getpid()
 
     def post(self, path: str, body: bytes | None,
              timeout: tuple[float, float]) -> urllib3.BaseHTTPResponse:
@@ -209,6 +225,8 @@ class RelayHTTP:
 
         Raises one of HTTP_ERRORS for network trouble (see classify_exception).
         """
+        if self._pid != os.getpid():
+            self._connect()
         options = {"body": body, "headers": self.headers, "retries": False, "redirect": False,
                    "preload_content": True,
                    "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1])}
@@ -217,11 +235,24 @@ class RelayHTTP:
         return self.manager.urlopen("POST", self.base_url + path, **options)
 
     def close(self) -> None:
-        """Close every kept-alive connection."""
+        """Close every kept-alive connection of this process."""
+        if self._pid != os.getpid():
+            return
         if self.pool is not None:
             self.pool.close()
         if self.manager is not None:
             self.manager.clear()
+
+
+def _tls_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    """A verifying client TLS context made from ``ssl`` as it is now (gevent's, once the
+    worker patched it), with the CA bundle loaded once (not on every new connection)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile or capath:
+        context.load_verify_locations(cafile=cafile, capath=capath)
+    else:
+        context.load_default_certs()
+    return context
 
 
 def _ca_options() -> dict[str, str]:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import __version__
+from . import __version__, green
 from .delivery import (
     DELIVERED,
     EXPIRED,
@@ -72,10 +72,10 @@ SYNC_START_WINDOW = 5.0  # an attempt for a fresh report must start this soon
 LOOP_LEASE_MARGIN = 30.0  # lease of a claimed batch beyond its worst-case sending time
 LOOP_RECORD_MARGIN = 10.0  # last attempt of a batch ends this long before its lease does
 ROUNDS_PER_BATCH = 4  # a concurrent sender claims this many times its concurrency at once
-# First attempts in the request: one pool thread per request thread and destination (each
-# request waits on one attempt per destination), and up to INFLIGHT_PER_THREAD attempts per
-# pool thread queued or running (those outliving relay-timeout go on in the background);
-# beyond that a fresh report is left to the retry loop.
+# First attempts in the request: relay-concurrency pool greenlets (threads outside a gevent
+# worker) per destination, and up to INFLIGHT_PER_THREAD attempts per pool thread queued or
+# running (those outliving relay-timeout go on in the background); beyond that a fresh
+# report is left to the retry loop.
 INFLIGHT_PER_THREAD = 4
 MAX_POOL_THREADS = 256
 
@@ -270,10 +270,11 @@ class _Process:
     pid: int
     owner: str
     senders: dict[str, Sender]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Looked up per process: gevent's primitives in a worker it patched after this loaded.
+    lock: threading.Lock = field(default_factory=lambda: threading.Lock())
     holds: dict[str, _Hold] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=lambda: threading.Event())
+    wake: threading.Event = field(default_factory=lambda: threading.Event())
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     futures: set[concurrent.futures.Future] = field(default_factory=set)
     loop_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -319,7 +320,7 @@ class Relay:
         self._lease = config.relay_attempt_timeout + SYNC_LEASE_MARGIN
         self._pool_threads = pool_threads(config)
         self._max_inflight = INFLIGHT_PER_THREAD * self._pool_threads
-        self._proc_lock = threading.Lock()
+        self._proc_lock = green.ProcessLock()
         self._proc: _Process | None = None
 
     # -- interface used by the views ---------------------------------------------------------
@@ -794,9 +795,10 @@ def sender_concurrency(sender: Sender) -> int:
 
 
 def pool_threads(config: Any) -> int:
-    """Threads for first attempts: one per request thread and destination (capped)."""
+    """Pool threads (greenlets) for first attempts: relay-concurrency per destination
+    (capped)."""
     dests = (1 if config.ooni_relay else 0) + len(config.relay_url)
-    return max(1, min(MAX_POOL_THREADS, config.threads * max(1, dests)))
+    return max(1, min(MAX_POOL_THREADS, config.relay_concurrency * max(1, dests)))
 
 
 def _wait_all(futures: Iterable[concurrent.futures.Future], timeout: float) -> None:

@@ -163,9 +163,9 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": [config.listen],
         "workers": config.workers or os.cpu_count() or 1,
-        # gthread with JSON error pages (see worker.py).
+        # gevent with deadlines and JSON error pages (see worker.py).
         "worker_class": "tunnel_telemetry.worker.CollectorWorker",
-        "threads": config.threads,
+        "worker_connections": config.worker_connections,
         "preload_app": True,
         "accesslog": "-" if config.access_log else None,
         "errorlog": "-",

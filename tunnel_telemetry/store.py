@@ -7,9 +7,13 @@ survive a crash of the process but not of the machine: the last commits before a
 would be gone although acknowledged).
 
 Each commit costs an fsync (about 1 ms on a typical disk), so concurrent ``add`` calls of one
-process are group-committed: one thread writes everything queued in one transaction while the
+process are group-committed: one caller writes everything queued in one transaction while the
 others wait for that commit, and each caller returns only after the commit holding its report.
 Durability is unchanged (every 201 still follows its own fsynced commit); the fsync is shared.
+
+Writes run through ``green.offload``: in a gevent worker, in a real thread (SQLite and flock
+block), so the worker's other requests go on meanwhile. That code only touches native locks,
+and its error lines are logged by the caller.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from . import green
 from .errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "delivered", "failed", "expired", "skipped")
-_FORK_LOCK = threading.Lock()
+_FORK_LOCK = green.native_lock()
 # Writers queue on an flock of this file (beside the database) before taking SQLite's write
 # lock: the kernel wakes the next one at once, where SQLite's busy handler sleeps and polls
 # (1, 2, 5, 10 ... 100 ms), which left the lock idle and made p99 latency hundreds of ms.
@@ -194,7 +199,8 @@ class _Write:
 
     run: Callable[[sqlite3.Connection], Any] | None
     add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    # Looked up per write: gevent's Event in a worker it patched after this module loaded.
+    done: threading.Event = field(default_factory=lambda: threading.Event())
     lead: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -212,7 +218,7 @@ class _GroupCommit:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = green.native_lock()  # ``take`` runs in the offloaded commit
         self.queue: list[_Write] = []
         self.leading = False
 
@@ -239,12 +245,14 @@ class _GroupCommit:
                 if not taken:  # commit failed before taking: its writes must still be answered
                     for item in take():
                         item.error = item.error or StoreUnavailable("store_error")
-                with self.lock:
-                    if self.queue:  # hand over: the next leader commits what queued meanwhile
-                        self.queue[0].lead = True
-                        self.queue[0].done.set()
+                with self.lock:  # nothing here may wait: ``take`` needs it in another thread
+                    nxt = self.queue[0] if self.queue else None
+                    if nxt is not None:  # hand over: it commits what queued meanwhile
+                        nxt.lead = True
                     else:
                         self.leading = False
+                if nxt is not None:
+                    nxt.done.set()
                 for item in taken:
                     item.lead = False
                     item.done.set()
@@ -261,7 +269,7 @@ class SQLiteStore:
     def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
-        self._local = threading.local()
+        self._local = green.native_local()
         # The group commit's connection: one per process, used by whichever thread leads, so
         # its page cache stays warm from one batch to the next (a thread's own connection
         # would re-read every page other connections changed since it last wrote).
@@ -347,11 +355,21 @@ class SQLiteStore:
         return self._group.submit(_Write(run, add), self._commit_batch)
 
     def _commit_batch(self, take: Callable[[], list[_Write]]) -> None:
-        """Commit the writes ``take()`` hands over once the write lock is held, in one
-        transaction; if that fails, each write alone (one bad write must not fail the others)."""
+        """Commit the writes ``take()`` hands over once the write lock is held (offloaded)."""
+        notes: list[str] = []
+        try:
+            green.offload(self._write_batch, take, notes.append)
+        finally:
+            for note in notes:
+                log.error("%s", note)
+
+    def _write_batch(self, take: Callable[[], list[_Write]],
+                     note: Callable[[str], None]) -> None:
+        """``_commit_batch``'s work, in one transaction; if that fails, each write alone (one
+        bad write must not fail the others). Errors go to ``note``, not to the log."""
         batch: list[_Write] | None = None
         try:
-            with self._tx(self._writer) as conn:
+            with self._tx(self._writer, note) as conn:
                 batch = take()
                 _run_writes(conn, batch)
             return
@@ -363,21 +381,40 @@ class SQLiteStore:
                 return
         for item in batch:
             try:
-                with self._tx(self._writer) as conn:
+                with self._tx(self._writer, note) as conn:
                     _run_writes(conn, [item])
             except Exception as exc:  # noqa: BLE001 - handed to the writer's own thread
                 item.result, item.error = None, exc
 
+    def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``work(conn)`` in its own write transaction (offloaded); its result."""
+        notes: list[str] = []
+
+        def run() -> Any:
+            with self._tx(note=notes.append) as conn:
+                return work(conn)
+
+        try:
+            return green.offload(run)
+        finally:
+            for note in notes:
+                log.error("%s", note)
+
     @contextmanager
-    def _tx(self, local: Any = None) -> Iterator[sqlite3.Connection]:
+    def _tx(self, local: Any = None,
+            note: Callable[[str], None] | None = None) -> Iterator[sqlite3.Connection]:
         """An immediate (write-locking) transaction; any SQLite error becomes a 503.
 
-        ``local``: whose connection to use (default this thread's).
+        ``local``: whose connection to use (default this thread's); ``note``: where error lines
+        go (default the log).
         """
+        if note is None:
+            def note(line: str) -> None:
+                log.error("%s", line)
         try:
             conn, lock = self._checked_handles(local)
         except sqlite3.Error as exc:
-            log.error("store error: %s %s", type(exc).__name__, sqlite_reason(exc))
+            note(f"store error: {type(exc).__name__} {sqlite_reason(exc)}")
             raise StoreUnavailable("store_error") from None
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -389,12 +426,12 @@ class SQLiteStore:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.error("store error: %s %s", type(exc).__name__, sqlite_reason(exc))
+            note(f"store error: {type(exc).__name__} {sqlite_reason(exc)}")
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:  # e.g. an I/O error again: SQLite rolls back on reopen
-                    log.error("store error: rollback failed")
+                    note("store error: rollback failed")
             raise StoreUnavailable("store_error") from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -420,21 +457,25 @@ class SQLiteStore:
 
     def update_report(self, uuid: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """Merge fields into a stored report (e.g. the OONI measurement id)."""
-        with self._tx() as conn:
+
+        def update(conn: sqlite3.Connection) -> dict[str, Any] | None:
             row = conn.execute("SELECT body FROM reports WHERE uuid = ?", (uuid,)).fetchone()
             if row is None:
                 return None
             body = json.loads(row[0])
             body.update(fields)
             conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (_dumps(body), uuid))
-        return body
+            return body
+
+        return self._write(update)
 
     def claim(self, destination: str, limit: int, owner: str, lease_seconds: float,
               now: float | None = None, due_only: bool = True) -> list[Claim]:
         """Lease up to ``limit`` pending relays for ``destination``, oldest first."""
         now = time.time() if now is None else now
         due = now if due_only else float("inf")
-        with self._tx() as conn:
+
+        def lease(conn: sqlite3.Connection) -> list[tuple]:
             rows = conn.execute(
                 "SELECT r.uuid, p.body, r.attempts, r.created FROM relays r "
                 "JOIN reports p ON p.uuid = r.uuid "
@@ -450,6 +491,9 @@ class SQLiteStore:
                 "WHERE uuid = ? AND destination = ?",
                 [(owner, now + lease_seconds, row[0], destination) for row in rows],
             )
+            return rows
+
+        rows = self._write(lease)
         return [Claim(row[0], json.loads(row[1]), row[2], row[3]) for row in rows]
 
     def finish(self, uuid: str, destination: str, owner: str, state: str, *,
@@ -504,12 +548,11 @@ class SQLiteStore:
     def make_due(self, destination: str, now: float | None = None) -> int:
         """Make every pending relay to ``destination`` due now, whatever its backoff."""
         now = time.time() if now is None else now
-        with self._tx() as conn:
-            return conn.execute(
-                "UPDATE relays SET next_attempt = ? "
-                "WHERE destination = ? AND state = 'pending' AND next_attempt > ?",
-                (now, destination, now),
-            ).rowcount
+        return self._write(lambda conn: conn.execute(
+            "UPDATE relays SET next_attempt = ? "
+            "WHERE destination = ? AND state = 'pending' AND next_attempt > ?",
+            (now, destination, now),
+        ).rowcount)
 
     def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),
                 now: float | None = None) -> int:
@@ -518,12 +561,11 @@ class SQLiteStore:
         if bad:
             raise ValueError(f"cannot requeue relay states {bad}")
         now = time.time() if now is None else now
-        with self._tx() as conn:
-            return conn.executemany(
-                "UPDATE relays SET state = 'pending', next_attempt = ?, lease_owner = NULL, "
-                "lease_until = NULL WHERE destination = ? AND state = ?",
-                [(now, destination, state) for state in states],
-            ).rowcount
+        return self._write(lambda conn: conn.executemany(
+            "UPDATE relays SET state = 'pending', next_attempt = ?, lease_owner = NULL, "
+            "lease_until = NULL WHERE destination = ? AND state = ?",
+            [(now, destination, state) for state in states],
+        ).rowcount)
 
     def relay_state(self, uuid: str) -> dict[str, dict[str, Any]]:
         rows = self._conn.execute(
@@ -567,7 +609,7 @@ class SQLiteStore:
         with _FORK_LOCK:
             mine = [h for h in self._opened if h[0] == pid]
             self._opened = [h for h in self._opened if h[0] != pid]
-            self._local = threading.local()
+            self._local = green.native_local()
             self._writer = types.SimpleNamespace()
         for _, conn, lock in mine:
             conn.close()

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from . import green
 from .errors import ReportError, StoreUnavailable
 from .store import STATES, Claim, StoreError
 
@@ -181,7 +181,7 @@ class PostgresStore:
         self.reconnect_timeout = reconnect_timeout
         self.busy_timeout = busy_timeout
         self.statement_timeout = statement_timeout
-        self._lock = threading.Lock()
+        self._lock = green.ProcessLock()  # held while the pool starts its threads
         self._pool: ConnectionPool | None = None
         self._pid: int | None = None
         try:

@@ -1,13 +1,19 @@
-"""Gunicorn worker for the collector: gthread, hardened against slow clients, JSON errors.
+"""Gunicorn worker for the collector: gevent, hardened against slow clients, JSON errors.
 
-Slow clients. Gunicorn 27's gthread worker hands every new connection to a pool thread that
-waits up to 5 s for a first byte and then reads the headers blocking, with no deadline: a
-client that trickles its headers, or a few that send nothing, hold all ``threads`` of a
-worker. This worker instead reads each request head in its event loop (no thread is used
-until the head is complete, up to ``header-timeout``; plain HTTP, new and kept-alive
-connections alike). What still runs in a thread is bounded by a watchdog: a TLS handshake and
-head (``header-timeout``) and body reads (``request-timeout`` from the request's start). An
-overdue client gets a 408 (plain HTTP) and its socket shut down, which frees the thread.
+Why gevent. Every request waits on something: the group commit's fsync and, with the relay
+on, OONI's answer (50-100 ms). gthread threads give that concurrency, but each of a
+request's blocking steps hands the GIL to another of the worker's threads, and at thousands
+of requests a second those hand-offs took more CPU than the collector's own work (13-14
+context switches per report). A greenlet per connection waits without an OS thread switch;
+what cannot wait cooperatively (SQLite's statements and fsync) runs in gevent's thread pool,
+one hand-off per group commit (``green.offload``). See docs/benchmarks.md for the figures.
+
+Slow clients. A connection is a greenlet: a client that sends nothing, or trickles, holds no
+thread, only one of ``worker-connections`` places. Deadlines free those too: a request's head
+(and a TLS handshake) must arrive within ``header-timeout`` of its first byte, a kept-alive
+connection may idle ``keepalive`` seconds (a new one ``header-timeout``) before it is closed
+silently, and the body must be read within ``request-timeout`` of the request's start. An
+overdue client that started a request gets a 408 (plain HTTP) and its connection is closed.
 Processing after the body is read is never cut off, so a stored report is not half-answered.
 
 Errors. Gunicorn answers malformed HTTP (bad request line, oversized headers, bad chunking)
@@ -18,26 +24,34 @@ client input, so this worker writes ``{"ok": false, ...}`` with a fixed message.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
-import selectors
+import signal
 import socket
 import ssl
-import threading
 import time
-from collections import deque
+import warnings
 from functools import partial
 from http import HTTPStatus
 from typing import Any
 
-from gunicorn import util
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gevent.socket import wait_read
+from gunicorn import http, util
 from gunicorn.http import errors as http_errors
-from gunicorn.workers.gthread import TConn, ThreadWorker
+from gunicorn.sock import ssl_wrap_socket
+from gunicorn.workers.base_async import AsyncWorker
+from gunicorn.workers.ggevent import GeventWorker
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 64 * 1024  # head bytes buffered in the event loop before a thread takes over
-WATCH_INTERVAL = 0.2  # seconds between watchdog rounds
+FLUSH_INTERVAL = 0.2  # seconds between flushes of the batched access log
+STOP_POLL = 0.05  # seconds between checks for a stop signal
+SHUTDOWN_POLL = 0.1  # seconds between checks for finished requests when stopping
+IDLE_GRACE = 1.0  # seconds a stopping worker still answers requests on kept-alive connections
 
 # Most specific first: InvalidResponseHeader is an InvalidHeader raised for the app's fault.
 _HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -72,33 +86,28 @@ def error_response(status: int, message: str) -> bytes:
     return head.encode("latin-1") + body
 
 
-class _Watched:
-    """A request a pool thread is serving: its deadline and what it is doing."""
+class SlowClient(BaseException):
+    """A client missed a deadline. Not an Exception: raised inside the app's body read, it
+    must reach the worker untouched, not become the app's own error answer."""
 
-    __slots__ = ("conn", "start", "deadline", "phase", "reading", "cut")
-
-    def __init__(self, conn: Any, start: float, deadline: float) -> None:
-        self.conn = conn
-        self.start = start
-        self.deadline = deadline
-        self.phase = "head"  # head -> body (the app runs; reads are watched) -> done
-        self.reading = False
-        self.cut = False
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
 
 
-class _WatchedBody:
-    """The request body (wsgi.input), marking when a thread is blocked reading it."""
+class _DeadlineBody:
+    """The request body (wsgi.input): every read ends with SlowClient at ``deadline``."""
 
-    def __init__(self, body: Any, watched: _Watched) -> None:
+    def __init__(self, body: Any, deadline: float) -> None:
         self._body = body
-        self._watched = watched
+        self._deadline = deadline
 
     def _call(self, name: str, *args: Any) -> Any:
-        self._watched.reading = True
-        try:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise SlowClient("body")
+        with gevent.Timeout(left, SlowClient("body")):
             return getattr(self._body, name)(*args)
-        finally:
-            self._watched.reading = False
 
     def read(self, *args: Any) -> bytes:
         return self._call("read", *args)
@@ -109,7 +118,7 @@ class _WatchedBody:
     def readlines(self, *args: Any) -> list[bytes]:
         return self._call("readlines", *args)
 
-    def __iter__(self) -> _WatchedBody:
+    def __iter__(self) -> _DeadlineBody:
         return self
 
     def __next__(self) -> bytes:
@@ -119,167 +128,172 @@ class _WatchedBody:
         return getattr(self._body, name)
 
 
-def _head_complete(head: bytearray, searched: int) -> bool:
-    """Whether the head ends (blank line) in the bytes after ``searched``; linear overall."""
-    start = max(0, searched - 3)
-    return head.find(b"\n\r\n", start) >= 0 or head.find(b"\n\n", start) >= 0
+def _buffered(parser: Any) -> bool:
+    """Whether the parser already holds bytes of the next request (pipelining)."""
+    return parser.unreader.buf.seek(0, io.SEEK_END) > 0
 
 
-class CollectorWorker(ThreadWorker):
-    """gthread worker with request deadlines, JSON error answers and logs that name no client."""
+class CollectorWorker(GeventWorker):
+    """gevent worker with request deadlines, JSON error answers and logs that name no client."""
 
     header_timeout = 10.0
     request_timeout = 30.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.heading: deque[Any] = deque()  # connections whose head the event loop reads
-        self.watched: dict[int, _Watched] = {}
-        self.watched_lock = threading.Lock()
-        self.local = threading.local()
+    def init_process(self) -> None:
+        # Until gunicorn installs this worker's handlers (after gevent's patching, ~0.1 s), a
+        # stop signal would reach the master's handlers copied by the fork and be lost.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._stop_early)
+        super().init_process()
+
+    def _stop_early(self, sig: int, frame: Any) -> None:
+        self.alive = False
+
+    def patch(self) -> None:
+        # The app is preloaded, so ssl was imported before this patch; what depends on it is
+        # made after the fork: HTTPS client pools (delivery.RelayHTTP) and the TLS server
+        # context (autotls.ReloadingSSLContext) are built per process from the patched module.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Monkey-patching ssl after ssl",
+                                    category=Warning)
+            super().patch()
 
     def run(self) -> None:
         services = getattr(self.wsgi, "extensions", {}).get("tunnel_telemetry")
         config = getattr(services, "config", None)
         self.header_timeout = getattr(config, "header_timeout", self.header_timeout)
         self.request_timeout = getattr(config, "request_timeout", self.request_timeout)
-        threading.Thread(target=self._watch, name="tt-deadlines", daemon=True).start()
-        super().run()
-
-    # -- the event loop reads request heads ------------------------------------------------
-
-    def accept(self, listener: Any) -> None:
+        self.waiting: set[Any] = set()  # kept-alive connections between requests
+        servers = []
+        for listener in self.sockets:
+            listener.setblocking(1)
+            server = StreamServer(listener, handle=partial(self.handle, listener),
+                                  spawn=Pool(self.worker_connections))
+            if self.cfg.workers > 1:
+                server.max_accept = 1  # leave the next connection to an idle worker
+            server.start()
+            servers.append(server)
+        flusher = gevent.spawn(self._flush_access_log)
         try:
-            client_sock, client_addr = listener.accept()
+            beat = 0.0
+            while self.alive:  # a stop signal is seen within STOP_POLL
+                if time.monotonic() - beat >= 1.0:
+                    self.notify()
+                    beat = time.monotonic()
+                gevent.sleep(STOP_POLL)
+            self._stop(servers)
+        finally:
+            flusher.kill()
+
+    def _stop(self, servers: list[StreamServer]) -> None:
+        """Stop accepting, close idle kept-alive connections, let requests in progress (and
+        connections accepted but not yet served) finish up to graceful-timeout, then end the
+        rest."""
+        for server in servers:
+            server.close()
+        started = time.monotonic()
+        deadline = started + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            # A request already on its way over a kept-alive connection is still answered
+            # (with Connection: close) for a moment; then idle connections are closed.
+            if time.monotonic() - started > IDLE_GRACE:
+                gevent.killall(list(self.waiting), block=False)
+            if all(server.pool.free_count() == server.pool.size for server in servers):
+                return
+            self.notify()
+            gevent.sleep(SHUTDOWN_POLL)
+        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+        for server in servers:
+            server.stop(timeout=1)
+
+    def _flush_access_log(self) -> None:
+        flush = getattr(self.log, "flush_access", None)
+        while flush is not None:
+            gevent.sleep(FLUSH_INTERVAL)
+            flush()
+
+    # -- one connection ----------------------------------------------------------------------
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        client.setblocking(1)
+        req = None
+        try:
+            if self.cfg.is_ssl:
+                client = self._tls(client)
+            parser = http.get_parser(self.cfg, client, addr)
+            name = listener.getsockname()
+            kept = False  # served a request already: between requests, it may be closed
+            while self._next_request_started(client, parser, kept):
+                req = None
+                with gevent.Timeout(self.header_timeout, SlowClient("head")):
+                    req = next(parser)
+                if req.body is not None:
+                    req.body = _DeadlineBody(req.body, time.monotonic() + self.request_timeout)
+                if not self.handle_request(name, req, client, addr):
+                    break
+                kept = True
+        except SlowClient as exc:
+            if not self.cfg.is_ssl and exc.phase != "tls":
+                _send_408(client, exc.phase)
+            else:
+                log.info("slow_client_cut %s", exc.phase)
+        except (StopIteration, http_errors.NoMoreData, gevent.GreenletExit):
+            pass
+        except ssl.SSLError as exc:
+            if exc.args and exc.args[0] == ssl.SSL_ERROR_EOF:
+                self.log.debug("ssl connection closed")
+            else:
+                self.handle_error(req, client, addr, exc)
         except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        self.nr_conns += 1
-        self._read_head(TConn(self.cfg, client_sock, client_addr, listener.getsockname()))
-
-    def on_client_socket_readable(self, conn: Any, client: Any) -> None:
-        """A kept-alive connection starts its next request: read its head here too."""
-        if self.cfg.is_ssl:
-            super().on_client_socket_readable(conn, client)
-            return
-        self.poller.unregister(client)
-        self.keepalived_conns.remove(conn)
-        self._read_head(conn)
-
-    def _read_head(self, conn: Any) -> None:
-        conn.sock.setblocking(False)
-        conn.head = bytearray()
-        conn.timeout = time.monotonic() + self.header_timeout
-        self.heading.append(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ,
-                             partial(self._on_head_readable, conn))
-
-    def _on_head_readable(self, conn: Any, client: Any) -> None:
-        if self.cfg.is_ssl:  # the handshake needs a thread; the watchdog bounds it
-            self._hand_off(conn)
-            return
-        try:
-            data = conn.sock.recv(MAX_HEAD)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop_heading(conn)
-            return
-        searched = len(conn.head)
-        conn.head += data
-        if len(conn.head) >= MAX_HEAD or _head_complete(conn.head, searched):
-            self._hand_off(conn)
-
-    def _unwatch_heading(self, conn: Any) -> None:
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        try:
-            self.heading.remove(conn)
-        except ValueError:
-            pass
-
-    def _hand_off(self, conn: Any) -> None:
-        self._unwatch_heading(conn)
-        conn.data_ready = True
-        self.enqueue_req(conn)
-
-    def _drop_heading(self, conn: Any) -> None:
-        self._unwatch_heading(conn)
-        self.nr_conns -= 1
-        conn.close()
-
-    def murder_pending(self) -> None:
-        super().murder_pending()
-        now = time.monotonic()
-        while self.heading and self.heading[0].timeout <= now:
-            conn = self.heading[0]
-            if conn.head:
-                _send_408(conn.sock, "head")
-            self._drop_heading(conn)
-
-    # -- threads: hand the buffered head to the parser, watch deadlines --------------------
-
-    def handle(self, conn: Any) -> Any:
-        now = time.monotonic()
-        watched = _Watched(conn, now, now + self.header_timeout)
-        self.local.watched = watched
-        with self.watched_lock:
-            self.watched[id(watched)] = watched
-        try:
-            head = getattr(conn, "head", None)
-            if head:
-                conn.head = bytearray()
-                conn.sock.setblocking(True)
-                conn.init()
-                conn.parser.unreader.unread(bytes(head))
-            return super().handle(conn)
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.info("socket error: %s", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - malformed HTTP and the like: a JSON answer
+            self.handle_error(req, client, addr, exc)
         finally:
-            with self.watched_lock:
-                self.watched.pop(id(watched), None)
-            self.local.watched = None
+            util.close(client)
 
-    def handle_request(self, req: Any, conn: Any) -> Any:
-        watched = getattr(self.local, "watched", None)
-        if watched is not None:
-            watched.phase = "body"
-            watched.deadline = watched.start + self.request_timeout
-            if getattr(req, "body", None) is not None:
-                req.body = _WatchedBody(req.body, watched)
+    def _tls(self, client: Any) -> Any:
+        """Wrap in TLS with the current certificate (read per process, reloaded on renewal)
+        and complete the handshake within header-timeout."""
+        with gevent.Timeout(self.header_timeout, SlowClient("tls")):
+            client = ssl_wrap_socket(client, self.cfg)
+            if not self.cfg.do_handshake_on_connect:
+                client.do_handshake()
+        return client
+
+    def _next_request_started(self, client: Any, parser: Any, kept: bool) -> bool:
+        """Wait for the first byte of the next request, up to keepalive seconds on a kept-alive
+        connection (header-timeout on a new one); False when the client closed or sent nothing
+        (close without an answer) or the worker is stopping (kept-alive ones only)."""
+        if _buffered(parser) or (self.cfg.is_ssl and client.pending()):
+            return True
+        idle = self.cfg.keepalive if kept else self.header_timeout
+        me = gevent.getcurrent()
+        if kept:
+            if not self.alive:
+                return False
+            self.waiting.add(me)
         try:
-            return super().handle_request(req, conn)
+            if self.cfg.is_ssl:
+                wait_read(client.fileno(), timeout=idle)
+                return True
+            client.settimeout(idle)
+            try:
+                return bool(client.recv(1, socket.MSG_PEEK))
+            finally:
+                client.settimeout(None)
+        except (TimeoutError, OSError):
+            return False
         finally:
-            if watched is not None:
-                watched.phase = "done"
+            self.waiting.discard(me)
 
-    def _watch(self) -> None:
-        flush_access = getattr(self.log, "flush_access", None)
-        while True:
-            time.sleep(WATCH_INTERVAL)
-            if flush_access is not None:
-                flush_access()
-            now = time.monotonic()
-            with self.watched_lock:
-                due = [w for w in self.watched.values()
-                       if not w.cut and now > w.deadline and (w.phase == "head" or w.reading)]
-                for watched in due:
-                    watched.cut = True
-            for watched in due:
-                self._cut(watched)
-
-    def _cut(self, watched: _Watched) -> None:
-        """Answer 408 and shut the socket down: the blocked read returns and frees the thread."""
-        sock = watched.conn.sock
-        if not self.cfg.is_ssl:
-            _send_408(sock, watched.phase)
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        """Serve one request; False when the connection must close."""
         try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
+            # AsyncWorker's: GeventWorker's own drops the keep-alive verdict.
+            return bool(AsyncWorker.handle_request(self, listener_name, req, sock, addr))
+        except (StopIteration, gevent.GreenletExit, SystemExit):
+            return False
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         status, message = http_error(exc)
@@ -289,16 +303,17 @@ class CollectorWorker(ThreadWorker):
         else:
             self.log.info("rejected http: %s", type(exc).__name__)
         try:
-            util.write_nonblock(client, error_response(status, message))
+            client.settimeout(1.0)
+            client.sendall(error_response(status, message))
         except Exception:  # noqa: BLE001 - the client may be gone; nothing more to do
             self.log.debug("failed to send the error response")
 
 
 def _send_408(sock: Any, phase: str) -> None:
-    """Best effort, never blocking: the client is too slow to be waited for."""
+    """Best effort, never waiting: the client is too slow to be waited for."""
     log.info("slow_client_cut %s", phase)
     try:
-        socket.socket.send(sock, error_response(408, "the request took too long to arrive"),
-                           socket.MSG_DONTWAIT)
+        sock.settimeout(0)
+        sock.send(error_response(408, "the request took too long to arrive"))
     except OSError:
         pass
