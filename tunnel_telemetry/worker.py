@@ -32,6 +32,7 @@ import socket
 import ssl
 import time
 import warnings
+from datetime import datetime
 from functools import partial
 from http import HTTPStatus
 from typing import Any
@@ -42,8 +43,8 @@ from gevent.server import StreamServer
 from gevent.socket import wait_read
 from gunicorn import http, util
 from gunicorn.http import errors as http_errors
+from gunicorn.http import wsgi
 from gunicorn.sock import ssl_wrap_socket
-from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,49 @@ def _buffered(parser: Any) -> bool:
     return parser.unreader.buf.seek(0, io.SEEK_END) > 0
 
 
+class _Response(wsgi.Response):
+    """gunicorn's response, writing its head together with the first body bytes: one write
+    (one loopback or TCP segment) for a small answer instead of two."""
+
+    _head: bytes | None = None
+
+    @property
+    def head_written(self) -> bool:
+        """Whether any byte of this answer went out."""
+        return self.headers_sent and self._head is None
+
+    def send_headers(self) -> None:
+        if self.headers_sent:
+            return
+        lines = self.default_headers()
+        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers)
+        self._head = ("".join(lines) + "\r\n").encode("latin-1")
+        self.headers_sent = True
+
+    def _flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            util.write(self.sock, head)
+
+    def _emit_body(self, data: bytes) -> None:
+        if self._head and not self.chunked:
+            head, self._head = self._head, None
+            util.write(self.sock, head + data)
+            return
+        self._flush_head()
+        super()._emit_body(data)
+
+    def write_file(self, respiter: Any) -> Any:
+        self.send_headers()
+        self._flush_head()
+        return super().write_file(respiter)
+
+    def close(self) -> None:
+        self.send_headers()
+        self._flush_head()
+        super().close()
+
+
 class CollectorWorker(GeventWorker):
     """gevent worker with request deadlines, JSON error answers and logs that name no client."""
 
@@ -163,6 +207,9 @@ class CollectorWorker(GeventWorker):
         config = getattr(services, "config", None)
         self.header_timeout = getattr(config, "header_timeout", self.header_timeout)
         self.request_timeout = getattr(config, "request_timeout", self.request_timeout)
+        # gunicorn's settings, read once (each read is a lookup through its Config).
+        self.is_ssl, self.keepalive = self.cfg.is_ssl, self.cfg.keepalive
+        self.pre_request_hook, self.post_request_hook = self.cfg.pre_request, self.cfg.post_request
         self.waiting: set[Any] = set()  # kept-alive connections between requests
         servers = []
         for listener in self.sockets:
@@ -218,7 +265,7 @@ class CollectorWorker(GeventWorker):
         client.setblocking(1)
         req = None
         try:
-            if self.cfg.is_ssl:
+            if self.is_ssl:
                 client = self._tls(client)
             parser = http.get_parser(self.cfg, client, addr)
             name = listener.getsockname()
@@ -232,8 +279,11 @@ class CollectorWorker(GeventWorker):
                 if not self.handle_request(name, req, client, addr):
                     break
                 kept = True
+                # Let the worker's other connections run: a client that sends its next request
+                # at once would otherwise be served again and again while they wait.
+                gevent.sleep(0)
         except SlowClient as exc:
-            if not self.cfg.is_ssl and exc.phase != "tls":
+            if not self.is_ssl and exc.phase != "tls":
                 _send_408(client, exc.phase)
             else:
                 log.info("slow_client_cut %s", exc.phase)
@@ -265,16 +315,16 @@ class CollectorWorker(GeventWorker):
         """Wait for the first byte of the next request, up to keepalive seconds on a kept-alive
         connection (header-timeout on a new one); False when the client closed or sent nothing
         (close without an answer) or the worker is stopping (kept-alive ones only)."""
-        if _buffered(parser) or (self.cfg.is_ssl and client.pending()):
+        if _buffered(parser) or (self.is_ssl and client.pending()):
             return True
-        idle = self.cfg.keepalive if kept else self.header_timeout
+        idle = self.keepalive if kept else self.header_timeout
         me = gevent.getcurrent()
         if kept:
             if not self.alive:
                 return False
             self.waiting.add(me)
         try:
-            if self.cfg.is_ssl:
+            if self.is_ssl:
                 wait_read(client.fileno(), timeout=idle)
                 return True
             client.settimeout(idle)
@@ -288,12 +338,53 @@ class CollectorWorker(GeventWorker):
             self.waiting.discard(me)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
-        """Serve one request; False when the connection must close."""
+        """Serve one request; False when the connection must close.
+
+        AsyncWorker's, with the response head written together with the body (_Response) and
+        gunicorn's settings read once per worker, not per request.
+        """
+        started = datetime.now()
+        environ: dict[str, Any] = {}
+        resp = None
         try:
-            # AsyncWorker's: GeventWorker's own drops the keep-alive verdict.
-            return bool(AsyncWorker.handle_request(self, listener_name, req, sock, addr))
-        except (StopIteration, gevent.GreenletExit, SystemExit):
+            self.pre_request_hook(self, req)
+            resp, environ = wsgi.create(req, sock, addr, listener_name, self.cfg,
+                                        response_class=_Response)
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if not self.alive or not self.keepalive:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - started)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            return not resp.should_close()
+        except (gevent.GreenletExit, SystemExit):
             return False
+        except OSError:
+            raise
+        except Exception:
+            if resp is not None and resp.headers_sent and resp.head_written:
+                # Too late for an error answer: the client has part of this one.
+                self.log.error("error after the answer started")
+                return False
+            raise
+        finally:
+            try:
+                self.post_request_hook(self, req, environ, resp)
+            except Exception:  # noqa: BLE001 - as gunicorn: a hook must not fail the worker
+                self.log.error("post_request hook failed")
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         status, message = http_error(exc)
