@@ -14,7 +14,7 @@ def resolve(hops, header, headers, peer="10.0.0.9"):
     for name, value in headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     ProxyHeaders(app, hops, header)(environ, lambda *a: None)
-    return seen["ip"]
+    return None if seen["ip"] is None else str(seen["ip"])
 
 
 @pytest.mark.parametrize("hops, header, headers, expected", [

@@ -309,20 +309,25 @@ class Limits:
         self._key = secrets.token_bytes(32)  # in memory only; a restart makes a new one
         self._pid = os.getpid()
 
-    def client_key(self, ip: str | None) -> int:
-        """A 64-bit keyed hash of the client address (IPv6: its /64); never 0."""
-        try:
-            address = ipaddress.ip_address(ip or "")
-        except ValueError:
+    def client_key(self, ip: Any) -> int:
+        """A 64-bit keyed hash of the client address (an ``ipaddress`` object or text; IPv6:
+        its /64); never 0."""
+        address = ip
+        if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            try:
+                address = ipaddress.ip_address(ip or "")
+            except ValueError:
+                address = None
+        if address is None:
             raw = b"?"
         else:
             if address.version == 6 and address.ipv4_mapped is not None:
                 address = address.ipv4_mapped
             raw = b"4" + address.packed if address.version == 4 else b"6" + address.packed[:8]
-        digest = hmac.new(self._key, raw, "sha256").digest()
+        digest = hmac.digest(self._key, raw, "sha256")
         return int.from_bytes(digest[:8], "little") or 1
 
-    def admit(self, ip: str | None, per_client: bool = True) -> Ticket:
+    def admit(self, ip: Any, per_client: bool = True) -> Ticket:
         """Let a request in, or raise Busy (429 for this client, 503 for everyone).
 
         ``per_client=False`` applies the global cap only (authenticated collector traffic).

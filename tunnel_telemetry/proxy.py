@@ -3,8 +3,8 @@
 With ``hops=0`` the socket peer is the client and every forwarding header is ignored. With
 ``hops=N`` the N-th address from the right of the header is taken: that is the one the
 outermost trusted proxy appended, and anything to its left was written by the client.
-The result goes to ``environ["tunnel_telemetry.client_ip"]`` (None when unknown); it is used
-for geolocation only and never stored or logged.
+The result goes to ``environ["tunnel_telemetry.client_ip"]`` as an ``ipaddress`` object (None
+when unknown), parsed once for the rate limit and geolocation; it is never stored or logged.
 """
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ ENVIRON_KEY = "tunnel_telemetry.client_ip"
 _FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.IGNORECASE)
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 def parse_address(value: str) -> str | None:
     """An IP address from a header value: strips ports, brackets and quotes; None if invalid."""
+    address = parse_ip(value)
+    return None if address is None else str(address)
+
+
+def parse_ip(value: str) -> Address | None:
+    """parse_address's address as an object (IPv4-mapped IPv6 as IPv4)."""
     text = value.strip().strip('"').strip()
     if text.startswith("["):
         text = text[1:].split("]", 1)[0]
@@ -33,9 +42,9 @@ def parse_address(value: str) -> str | None:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def forwarded_for(values: Iterable[str]) -> list[str]:
@@ -59,22 +68,22 @@ class ProxyHeaders:
         self.kind = {"x-forwarded-for": "list", "forwarded": "forwarded"}.get(
             header.lower(), "single")
 
-    def client_ip(self, environ: dict[str, Any]) -> str | None:
+    def client_ip(self, environ: dict[str, Any]) -> Address | None:
         """The client address for this request, or None when it cannot be trusted."""
         if self.hops == 0:
-            return parse_address(environ.get("REMOTE_ADDR") or "")
+            return parse_ip(environ.get("REMOTE_ADDR") or "")
         raw = environ.get(self.environ_name)
         if raw is None:
             log.warning("proxy header missing")
             return None
         if self.kind == "single":
             # Set (not appended) by the nearest trusted proxy.
-            return parse_address(raw.split(",")[-1])
+            return parse_ip(raw.split(",")[-1])
         entries = forwarded_for([raw]) if self.kind == "forwarded" else raw.split(",")
         if len(entries) < self.hops:
             log.warning("proxy header shorter than proxy-hops")
             return None
-        return parse_address(entries[-self.hops])
+        return parse_ip(entries[-self.hops])
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
         environ[ENVIRON_KEY] = self.client_ip(environ)

@@ -103,32 +103,17 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-# Rows per multi-row statement, largest first: a batch is cut into these sizes so that each
-# connection's statement cache holds a few statements, not one per batch size.
-_CHUNKS = (64, 16, 4, 1)
-
-
-def _chunks(values: list[Any]) -> Iterator[list[Any]]:
-    start = 0
-    for size in _CHUNKS:
-        while len(values) - start >= size:
-            yield values[start:start + size]
-            start += size
-
-
 def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
     """SQLiteStore.add for a batch: the same outcome per write as one ``insert`` each.
 
     Inside the batch's write transaction nobody else inserts, so the uuids already stored are
-    known before inserting; a uuid twice in one batch is stored by its first write.
+    known before inserting; a uuid twice in one batch is stored by its first write. Three
+    statements whatever the batch's size: one look-up, one insert per table (executemany).
     """
     uuids = list({item.add[0]: None for item in adds})
-    stored: dict[str, Any] = {}
-    for chunk in _chunks(uuids):
-        marks = ",".join("?" * len(chunk))
-        stored.update(conn.execute(
-            f"SELECT uuid, body FROM reports WHERE uuid IN ({marks})",  # noqa: S608 - marks only
-            chunk).fetchall())
+    stored: dict[str, Any] = dict(conn.execute(
+        "SELECT uuid, body FROM reports WHERE uuid IN (SELECT value FROM json_each(?))",
+        (json.dumps(uuids),)).fetchall())
     rows: list[tuple] = []
     relays: list[tuple] = []
     for item in adds:
@@ -141,16 +126,11 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
         rows.append((uuid, received, body))
         relays.extend(relay_rows)
         item.result = (report, True)
-    for table, columns, values in (
-            ("reports", "uuid, received, body", rows),
-            ("relays", "uuid, destination, created, next_attempt, lease_owner, lease_until",
-             relays)):
-        width = columns.count(",") + 1
-        group = "(" + ",".join("?" * width) + ")"
-        for chunk in _chunks(values):
-            marks = ",".join([group] * len(chunk))
-            conn.execute(f"INSERT INTO {table} ({columns}) VALUES {marks}",  # noqa: S608
-                         [v for row in chunk for v in row])
+    if rows:
+        conn.executemany("INSERT INTO reports (uuid, received, body) VALUES (?, ?, ?)", rows)
+    if relays:
+        conn.executemany("INSERT INTO relays (uuid, destination, created, next_attempt, "
+                         "lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?)", relays)
 
 
 def _run_writes(conn: sqlite3.Connection, writes: list[_Write]) -> None:
