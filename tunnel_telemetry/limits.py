@@ -401,27 +401,32 @@ def init_app(app: Any, limits: Limits) -> None:
     primary collector's token (checked before its body is read) and counts against the
     global in-flight cap only, so one primary draining a backlog is not throttled as a client.
     """
-    from flask import g, request
+    from flask import request
 
     from .proxy import ENVIRON_KEY
 
     @app.before_request
     def _admit() -> None:
-        if request.method == "POST":
-            g.tt_ticket = limits.admit(request.environ.get(ENVIRON_KEY),
-                                       per_client=request.path == "/report")
+        req = request._get_current_object()
+        if req.method == "POST":
+            environ = req.environ
+            environ[TICKET_KEY] = limits.admit(environ.get(ENVIRON_KEY),
+                                               per_client=req.path == "/report")
+            environ[LIMITS_KEY] = limits
 
     @app.teardown_request
     def _release(exc: BaseException | None) -> None:
-        ticket = g.pop("tt_ticket", None)
+        ticket = request.environ.pop(TICKET_KEY, None)
         if ticket is not None:
             limits.release(ticket)
 
 
-def body_read() -> None:
-    """Called by the view once the request body is read: give back the client's slot."""
-    from flask import current_app, g
+TICKET_KEY = "tunnel_telemetry.ticket"  # what admit() took for this request (WSGI environ)
+LIMITS_KEY = "tunnel_telemetry.limits"
 
-    ticket = g.get("tt_ticket")
+
+def body_read(environ: dict[str, Any]) -> None:
+    """Called by the view once the request body is read: give back the client's slot."""
+    ticket = environ.get(TICKET_KEY)
     if ticket is not None:
-        current_app.extensions["tunnel_telemetry"].limits.release_client(ticket)
+        environ[LIMITS_KEY].release_client(ticket)

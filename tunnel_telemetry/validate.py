@@ -27,6 +27,7 @@ _ENDPOINT = re.compile(
     r":(?P<port>[0-9]{1,5})"
 )
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_DOTTED = re.compile(r"[0-9.]+")
 _TIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -194,7 +195,7 @@ def parse_endpoint(text: str) -> Endpoint:
             return Endpoint(proto, str(mapped), int(port), mapped)
         return Endpoint(proto, str(address), int(port), address)
     host = match.group("host")
-    if re.fullmatch(r"[0-9.]+", host):
+    if _DOTTED.fullmatch(host):
         try:
             v4 = ipaddress.IPv4Address(host)
         except ValueError:

@@ -34,14 +34,22 @@ def services() -> Any:
     return current_app.extensions["tunnel_telemetry"]
 
 
+# Content-Type values clients send (checked as they are, without parsing them again).
+_PLAIN_JSON = frozenset(("application/json", "application/json; charset=utf-8",
+                         "application/json;charset=utf-8", "application/json; charset=UTF-8"))
+
+
 def read_json_body(limit: int) -> Any:
     """The request's JSON body, or a ReportError (415, 413, 400)."""
     req = request._get_current_object()  # one context lookup, not one per attribute
-    if req.mimetype != "application/json":
-        raise ReportError("content_type", "Content-Type must be application/json", status=415)
-    params = req.mimetype_params
-    if params and params.get("charset", "utf-8").lower() not in ("utf-8", "utf8"):
-        raise ReportError("content_type", "only the utf-8 charset is accepted", status=415)
+    environ = req.environ
+    if environ.get("CONTENT_TYPE") not in _PLAIN_JSON:
+        if req.mimetype != "application/json":
+            raise ReportError("content_type", "Content-Type must be application/json",
+                              status=415)
+        params = req.mimetype_params
+        if params and params.get("charset", "utf-8").lower() not in ("utf-8", "utf8"):
+            raise ReportError("content_type", "only the utf-8 charset is accepted", status=415)
     length = req.content_length
     if length is not None and length > limit:
         raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
@@ -49,7 +57,9 @@ def read_json_body(limit: int) -> Any:
     # at limit + 1 bytes so an oversized or endless body is never read to its end.
     chunks: list[bytes] = []
     size = 0
-    stream = req.stream
+    # A server that ends the body itself (gunicorn: Content-Length or chunked framing) is read
+    # directly; the loop below never reads more than limit + 1 bytes either way.
+    stream = environ["wsgi.input"] if environ.get("wsgi.input_terminated") else req.stream
     try:
         while size <= limit:
             try:
@@ -66,7 +76,7 @@ def read_json_body(limit: int) -> Any:
             if size == length:  # all of it: no read just to be told so
                 break
     finally:
-        body_read()
+        body_read(environ)
     if size > limit:
         raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
     if length is not None and size != length:
