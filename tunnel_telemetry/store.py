@@ -260,6 +260,7 @@ class SQLiteStore:
             os.makedirs(folder, exist_ok=True)
             conn = self._connect(create=True)
             conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("SELECT json_patch('{}', '{}')")  # JSON functions: SQLite 3.38+
             conn.executescript(SQLITE_SCHEMA)
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("ROLLBACK")
@@ -499,11 +500,9 @@ class SQLiteStore:
             )
             if cur.rowcount != 1:
                 return False
-            if report_fields:
-                row = conn.execute("SELECT body FROM reports WHERE uuid = ?",
-                                   (uuid,)).fetchone()
-                body = {**json.loads(row[0]), **report_fields}
-                conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (_dumps(body), uuid))
+            if report_fields:  # merged by SQLite: no decoding and re-encoding of the body
+                conn.execute("UPDATE reports SET body = json_patch(body, ?) WHERE uuid = ?",
+                             (_dumps(report_fields), uuid))
             return True
 
         return self._grouped(update)  # relay outcomes share commits with reports
