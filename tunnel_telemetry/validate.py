@@ -161,10 +161,9 @@ def parse_time(text: str) -> datetime:
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 UTC with Z, milliseconds only when present."""
-    moment = moment.astimezone(UTC)
-    if moment.microsecond:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    m = moment.astimezone(UTC)
+    text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+    return f"{text}.{m.microsecond // 1000:03d}Z" if m.microsecond else text + "Z"
 
 
 def parse_endpoint(text: str) -> Endpoint:
