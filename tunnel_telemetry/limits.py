@@ -35,8 +35,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +48,11 @@ MAX_PROCESSES = 256  # in-flight counters, one per worker process (workers <= 25
 STUCK_AFTER = 1.0  # seconds a waiter waits before it checks whether the lock holder is alive
 _HOLDER = struct.Struct("<q")  # pid of the process holding the lock (0: none), at offset 0
 _BUCKET = struct.Struct("<Qdd")  # hashed client, tokens, monotonic time of the last update
+_TOTAL = struct.Struct("<i")  # requests in flight, all processes (the sum of the slots)
+_TOTAL_AT = _HOLDER.size
 _SLOT = struct.Struct("<ii")  # pid, requests in flight
 _SLOTS = struct.Struct(f"<{2 * MAX_PROCESSES}i")
-_SLOTS_AT = _HOLDER.size
+_SLOTS_AT = _TOTAL_AT + _TOTAL.size
 _BUCKETS_AT = _SLOTS_AT + _SLOTS.size
 
 
@@ -92,24 +92,33 @@ class SharedMemory:
         self.pid = os.getpid()
         self._thread_lock = threading.Lock()  # a lock held by another thread at fork stays held
 
-    @contextmanager
-    def lock(self) -> Iterator[memoryview | mmap.mmap]:
+    def lock(self) -> SharedMemory:
+        """``with shm.lock() as buf``: the table, held by this thread and process only."""
+        return self
+
+    def __enter__(self) -> mmap.mmap:
         if self._sem is None:  # the slower fallback: a thread lock, then a record lock
-            with self._thread_lock:
+            self._thread_lock.acquire()
+            try:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX)
-                try:
-                    yield self.buf
-                finally:
-                    fcntl.lockf(self.fd, fcntl.LOCK_UN)
-            return
+            except BaseException:
+                self._thread_lock.release()
+                raise
+            return self.buf
         if not self._sem.acquire(False):
             self._wait()
         _HOLDER.pack_into(self.buf, 0, self.pid)
-        try:
-            yield self.buf
-        finally:
-            _HOLDER.pack_into(self.buf, 0, 0)
-            self._sem.release()
+        return self.buf
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sem is None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            finally:
+                self._thread_lock.release()
+            return
+        _HOLDER.pack_into(self.buf, 0, 0)
+        self._sem.release()
 
     def _wait(self) -> None:
         """Take the lock held by someone else: retry after short sleeps; after STUCK_AFTER,
@@ -212,12 +221,14 @@ class InFlight:
         return index
 
     def _reap(self, buf: Any) -> bool:
-        """Free the slots of processes that are gone; True if any was."""
+        """Free the slots of processes that are gone (their requests leave the total); True
+        if any was."""
         values = _SLOTS.unpack_from(buf, _SLOTS_AT)
         freed = False
         for index, pid in enumerate(values[0::2]):
             if pid and pid != self.shm.pid and not _alive(pid):
                 _SLOT.pack_into(buf, _slot_at(index), 0, 0)
+                _add_total(buf, -values[2 * index + 1])
                 freed = True
         return freed
 
@@ -230,13 +241,14 @@ class InFlight:
         index = self._index(buf)
         if index < 0:  # more processes than slots: do not refuse for our own bookkeeping
             return True
-        total = sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
+        total = _TOTAL.unpack_from(buf, _TOTAL_AT)[0]
         if total >= self.cap and self._reap(buf):
-            total = sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
+            total = _TOTAL.unpack_from(buf, _TOTAL_AT)[0]
         if total >= self.cap:
             return False
         pid, count = _SLOT.unpack_from(buf, _slot_at(index))
         _SLOT.pack_into(buf, _slot_at(index), pid, count + 1)
+        _TOTAL.pack_into(buf, _TOTAL_AT, total + 1)
         return True
 
     def leave(self) -> None:
@@ -244,11 +256,18 @@ class InFlight:
             index = self._index(buf)
             if index >= 0:
                 pid, count = _SLOT.unpack_from(buf, _slot_at(index))
-                _SLOT.pack_into(buf, _slot_at(index), pid, max(0, count - 1))
+                if count > 0:
+                    _SLOT.pack_into(buf, _slot_at(index), pid, count - 1)
+                    _add_total(buf, -1)
 
     def total(self) -> int:
         with self.shm.lock() as buf:
-            return sum(_SLOTS.unpack_from(buf, _SLOTS_AT)[1::2])
+            return _TOTAL.unpack_from(buf, _TOTAL_AT)[0]
+
+
+def _add_total(buf: Any, delta: int) -> None:
+    total = _TOTAL.unpack_from(buf, _TOTAL_AT)[0]
+    _TOTAL.pack_into(buf, _TOTAL_AT, max(0, total + delta))
 
 
 def _alive(pid: int) -> bool:
