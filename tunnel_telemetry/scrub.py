@@ -22,6 +22,7 @@ SECRET_WORDS = frozenset({
 SECRET_FRAGMENTS = ("pass", "secret", "token", "uuid", "key", "cred", "auth", "cookie", "psk",
                     "private", "passwd")
 _WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_FRAGMENT = re.compile("|".join(map(re.escape, SECRET_FRAGMENTS)))
 
 _IPV4 = re.compile(r"(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9])")
 # Maximal runs of address-like characters, judged whole by _is_ip: a single greedy run with
@@ -72,8 +73,11 @@ def contains_ip(text: str) -> bool:
 
 def secret_key(key: str) -> bool:
     """True when a config key names something secret or identifying (password, uuid, ...)."""
-    words = [w.lower() for w in _WORDS.findall(key)]
-    return any(w in SECRET_WORDS or any(f in w for f in SECRET_FRAGMENTS) for w in words)
+    for word in _WORDS.findall(key):
+        word = word.lower()
+        if word in SECRET_WORDS or _FRAGMENT.search(word):
+            return True
+    return False
 
 
 def scrub(report: dict[str, Any], allow_public_endpoint: bool) -> dict[str, Any]:

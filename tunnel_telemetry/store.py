@@ -65,8 +65,8 @@ class Store(Protocol):
     backend: str
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None,
-            lease_seconds: float = 0.0) -> tuple[dict[str, Any], bool]: ...
+            lease_owner: str | None = None, lease_seconds: float = 0.0,
+            body: str | None = None) -> tuple[dict[str, Any], bool]: ...
 
     def get(self, uuid: str) -> dict[str, Any] | None: ...
 
@@ -99,8 +99,12 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
+    """A report as the store keeps it: compact JSON text, UTF-8 characters as they are."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_dumps = dumps
 
 
 def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
@@ -418,15 +422,16 @@ class SQLiteStore:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None,
-            lease_seconds: float = 0.0) -> tuple[dict[str, Any], bool]:
+            lease_owner: str | None = None, lease_seconds: float = 0.0,
+            body: str | None = None) -> tuple[dict[str, Any], bool]:
         """Store a report once by uuid and queue it for each destination, atomically.
 
         With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
         the caller can attempt them at once without another process claiming them too.
+        ``body``: the report already encoded by ``dumps`` (the view answers with it).
         """
         now = time.time()
-        uuid, body = report["uuid"], _dumps(report)
+        uuid, body = report["uuid"], body or _dumps(report)
         lease_until = now + lease_seconds if lease_owner else None
         relays = [(uuid, dest, now, now, lease_owner, lease_until) for dest in destinations]
 

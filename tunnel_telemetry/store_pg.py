@@ -250,12 +250,13 @@ class PostgresStore:
     # -- Store methods -------------------------------------------------------------------
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None,
-            lease_seconds: float = 0.0) -> tuple[dict[str, Any], bool]:
+            lease_owner: str | None = None, lease_seconds: float = 0.0,
+            body: str | None = None) -> tuple[dict[str, Any], bool]:
         """Store a report once by uuid and queue it for each destination, atomically.
 
         With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
         the caller can attempt them at once without another process claiming them too.
+        ``body`` (the SQLite store's text) is not needed: psycopg encodes the jsonb itself.
         """
         now = time.time()
         lease_until = now + lease_seconds if lease_owner else None

@@ -17,6 +17,7 @@ from .proxy import ENVIRON_KEY
 from .relay import MAX_BATCH, check_token, receive_batch
 from .schema import load_schema
 from .scrub import scrub
+from .store import dumps
 from .validate import parse_json, validate
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,13 @@ def post_report() -> tuple[Response, int]:
     enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
                       config.collector_id)
     clean = scrub(enriched, config.allow_public_endpoint)
-    stored, created = svc.store.add(clean, svc.relay.destinations(), **svc.relay.add_options())
+    text = dumps(clean)
+    stored, created = svc.store.add(clean, svc.relay.destinations(), body=text,
+                                    **svc.relay.add_options())
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
+    if created and not extra:  # the answer is the report as stored: encoded once
+        return Response(text + "\n", mimetype="application/json"), 201
     return jsonify({**stored, **extra}), 201
 
 
