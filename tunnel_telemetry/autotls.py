@@ -685,16 +685,13 @@ class ReloadingSSLContext:
     per worker and rebuilds it when a file changes (renewal, or certbot replacing a
     `certfile`), so new connections get the new certificate without restarting workers.
     If the new files do not load (e.g. a key and certificate replaced one after the other),
-    the previous context keeps serving until they do. A worker builds its own on its first
-    connection: the master's was made before gevent patched ``ssl`` in the worker, and its
-    sockets would block the whole worker.
+    the previous context keeps serving until they do.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._stamp: tuple | None = None
-        self._pid = os.getpid()
 
     def __call__(self, conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]
                  ) -> ssl.SSLContext:
@@ -703,9 +700,7 @@ class ReloadingSSLContext:
         except OSError:
             stamp = None  # being replaced: keep what we have
         with self._lock:
-            ours = self._pid == os.getpid()  # else the master's: rebuild (see above)
-            self._pid = os.getpid()
-            if self._context is not None and ours and (stamp is None or stamp == self._stamp):
+            if self._context is not None and (stamp is None or stamp == self._stamp):
                 return self._context
             try:
                 context = default_ssl_context_factory()

@@ -139,35 +139,9 @@ def _address(ip: object) -> _Address | None:
         return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip if _is_global(ip) else None
-
-
-# ipaddress's is_global walks its tables in Python on every call (6 % of a report's CPU). The
-# answer is the same for a whole IPv4 /24 or IPv6 /32, outside the few blocks where special
-# ranges are smaller (192.0.0.0/24, 255.255.255.0/24; ::/16, 64::/16, 100::/16, 2001::/16),
-# so it is remembered per such prefix (never per address), in a bounded table.
-_EXACT_V4 = frozenset((0xC00000, 0xFFFFFF))  # the /24s 192.0.0.0 and 255.255.255.0
-_EXACT_V6 = frozenset((0x0000, 0x0064, 0x0100, 0x2001))  # first 16 bits
-_GLOBAL_BY_PREFIX: dict[int, bool] = {}
-_PREFIXES_KEPT = 65536
-
-
-def _is_global(ip: _Address) -> bool:
-    number = int(ip)
-    if ip.version == 4:
-        prefix = number >> 8
-        if prefix in _EXACT_V4:
-            return ip.is_global
-    else:
-        prefix = -1 - (number >> 96)  # negative: never the same key as an IPv4 /24
-        if (number >> 112) in _EXACT_V6:
-            return ip.is_global
-    known = _GLOBAL_BY_PREFIX.get(prefix)
-    if known is None:
-        if len(_GLOBAL_BY_PREFIX) >= _PREFIXES_KEPT:
-            _GLOBAL_BY_PREFIX.clear()
-        known = _GLOBAL_BY_PREFIX[prefix] = ip.is_global
-    return known
+    if ip.is_global:
+        return ip
+    return None
 
 
 class Geo:

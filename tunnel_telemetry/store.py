@@ -104,8 +104,6 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-_dumps = dumps
-
 
 def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
     """SQLiteStore.add for a batch: the same outcome per write as one ``insert`` each.
@@ -341,12 +339,7 @@ class SQLiteStore:
 
     def _commit_batch(self, take: Callable[[], list[_Write]]) -> None:
         """Commit the writes ``take()`` hands over once the write lock is held (offloaded)."""
-        notes: list[str] = []
-        try:
-            green.offload(self._write_batch, take, notes.append)
-        finally:
-            for note in notes:
-                log.error("%s", note)
+        _offload_logged(self._write_batch, take)
 
     def _write_batch(self, take: Callable[[], list[_Write]],
                      note: Callable[[str], None]) -> None:
@@ -373,17 +366,12 @@ class SQLiteStore:
 
     def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """``work(conn)`` in its own write transaction (offloaded); its result."""
-        notes: list[str] = []
+        return _offload_logged(self._run_tx, work)
 
-        def run() -> Any:
-            with self._tx(note=notes.append) as conn:
-                return work(conn)
-
-        try:
-            return green.offload(run)
-        finally:
-            for note in notes:
-                log.error("%s", note)
+    def _run_tx(self, work: Callable[[sqlite3.Connection], Any],
+                note: Callable[[str], None]) -> Any:
+        with self._tx(note=note) as conn:
+            return work(conn)
 
     @contextmanager
     def _tx(self, local: Any = None,
@@ -393,9 +381,7 @@ class SQLiteStore:
         ``local``: whose connection to use (default this thread's); ``note``: where error lines
         go (default the log).
         """
-        if note is None:
-            def note(line: str) -> None:
-                log.error("%s", line)
+        note = note or _log_error
         try:
             conn, lock = self._checked_handles(local)
         except sqlite3.Error as exc:
@@ -431,7 +417,7 @@ class SQLiteStore:
         ``body``: the report already encoded by ``dumps`` (the view answers with it).
         """
         now = time.time()
-        uuid, body = report["uuid"], body or _dumps(report)
+        uuid, body = report["uuid"], body or dumps(report)
         lease_until = now + lease_seconds if lease_owner else None
         relays = [(uuid, dest, now, now, lease_owner, lease_until) for dest in destinations]
 
@@ -450,7 +436,7 @@ class SQLiteStore:
                 return None
             body = json.loads(row[0])
             body.update(fields)
-            conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (_dumps(body), uuid))
+            conn.execute("UPDATE reports SET body = ? WHERE uuid = ?", (dumps(body), uuid))
             return body
 
         return self._write(update)
@@ -493,7 +479,7 @@ class SQLiteStore:
         """
         if state not in STATES:
             raise ValueError(f"unknown relay state {state!r}")
-        result_text = _dumps(result) if result is not None else None
+        result_text = dumps(result) if result is not None else None
 
         def update(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
@@ -507,7 +493,7 @@ class SQLiteStore:
                 return False
             if report_fields:  # merged by SQLite: no decoding and re-encoding of the body
                 conn.execute("UPDATE reports SET body = json_patch(body, ?) WHERE uuid = ?",
-                             (_dumps(report_fields), uuid))
+                             (dumps(report_fields), uuid))
             return True
 
         return self._grouped(update)  # relay outcomes share commits with reports
@@ -598,6 +584,21 @@ class SQLiteStore:
         for _, conn, lock in mine:
             conn.close()
             os.close(lock)
+
+
+def _log_error(line: str) -> None:
+    log.error("%s", line)
+
+
+def _offload_logged(work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args, note)`` offloaded (green.offload); the error lines it noted are logged
+    here, in the caller's greenlet: log handlers must not be used from the offload thread."""
+    notes: list[str] = []
+    try:
+        return green.offload(work, *args, notes.append)
+    finally:
+        for line in notes:
+            _log_error(line)
 
 
 def _file_id(path: str) -> tuple[int, int] | None:

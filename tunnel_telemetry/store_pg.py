@@ -13,7 +13,6 @@ Same behaviour as ``SQLiteStore``; what differs is how it gets there:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import green
 from .errors import ReportError, StoreUnavailable
-from .store import STATES, Claim, StoreError
+from .store import STATES, Claim, StoreError, dumps
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +149,8 @@ def _one_line(exc: BaseException, secrets: list[str]) -> str:
     return text
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def _jsonb(value: Any) -> Jsonb:
-    return Jsonb(value, dumps=_dumps)
+    return Jsonb(value, dumps=dumps)
 
 
 # Pools inherited across a fork: kept referenced so that the child never finalises (and so

@@ -41,10 +41,11 @@ import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 from gevent.socket import wait_read
+from gevent.ssl import SSLSocket as GreenSSLSocket
 from gunicorn import http, util
 from gunicorn.http import errors as http_errors
 from gunicorn.http import wsgi
-from gunicorn.sock import ssl_wrap_socket
+from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,9 @@ class CollectorWorker(GeventWorker):
         servers = []
         for listener in self.sockets:
             listener.setblocking(1)
-            server = StreamServer(listener, handle=partial(self.handle, listener),
+            # The name is read now: a connection accepted just before a graceful stop is served
+            # after the listener was closed.
+            server = StreamServer(listener, handle=partial(self.handle, listener.getsockname()),
                                   spawn=Pool(self.worker_connections))
             if self.cfg.workers > 1:
                 server.max_accept = 1  # leave the next connection to an idle worker
@@ -261,14 +264,13 @@ class CollectorWorker(GeventWorker):
 
     # -- one connection ----------------------------------------------------------------------
 
-    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+    def handle(self, listener_name: Any, client: Any, addr: Any) -> None:
         client.setblocking(1)
         req = None
         try:
             if self.is_ssl:
                 client = self._tls(client)
             parser = http.get_parser(self.cfg, client, addr)
-            name = listener.getsockname()
             kept = False  # served a request already: between requests, it may be closed
             while self._next_request_started(client, parser, kept):
                 req = None
@@ -276,7 +278,7 @@ class CollectorWorker(GeventWorker):
                     req = next(parser)
                 if req.body is not None:
                     req.body = _DeadlineBody(req.body, time.monotonic() + self.request_timeout)
-                if not self.handle_request(name, req, client, addr):
+                if not self.handle_request(listener_name, req, client, addr):
                     break
                 kept = True
                 # Let the worker's other connections run: a client that sends its next request
@@ -296,19 +298,26 @@ class CollectorWorker(GeventWorker):
                 self.handle_error(req, client, addr, exc)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                self.log.info("socket error: %s", type(exc).__name__)
+                self.log.info("socket error: %s %s", type(exc).__name__,
+                              errno.errorcode.get(exc.errno or 0, "-"))
         except Exception as exc:  # noqa: BLE001 - malformed HTTP and the like: a JSON answer
             self.handle_error(req, client, addr, exc)
         finally:
             util.close(client)
 
     def _tls(self, client: Any) -> Any:
-        """Wrap in TLS with the current certificate (read per process, reloaded on renewal)
-        and complete the handshake within header-timeout."""
+        """Wrap in TLS with the current certificate (autotls.ReloadingSSLContext: reloaded on
+        renewal) and complete the handshake within header-timeout.
+
+        The socket is gevent's SSLSocket whatever the context: the context may have been made
+        in the master before gevent patched ``ssl`` here, and its own wrap_socket would give a
+        standard SSLSocket, which blocks the whole worker (or drops the connection)."""
         with gevent.Timeout(self.header_timeout, SlowClient("tls")):
-            client = ssl_wrap_socket(client, self.cfg)
-            if not self.cfg.do_handshake_on_connect:
-                client.do_handshake()
+            client = GreenSSLSocket(sock=client, server_side=True,
+                                    do_handshake_on_connect=False,
+                                    suppress_ragged_eofs=self.cfg.suppress_ragged_eofs,
+                                    _context=ssl_context(self.cfg))
+            client.do_handshake()
         return client
 
     def _next_request_started(self, client: Any, parser: Any, kept: bool) -> bool:
@@ -375,7 +384,7 @@ class CollectorWorker(GeventWorker):
         except OSError:
             raise
         except Exception:
-            if resp is not None and resp.headers_sent and resp.head_written:
+            if resp is not None and resp.head_written:
                 # Too late for an error answer: the client has part of this one.
                 self.log.error("error after the answer started")
                 return False
