@@ -195,9 +195,10 @@ class CollectorWorker(GeventWorker):
         self.alive = False
 
     def patch(self) -> None:
-        # The app is preloaded, so ssl was imported before this patch; what depends on it is
-        # made after the fork: HTTPS client pools (delivery.RelayHTTP) and the TLS server
-        # context (autotls.ReloadingSSLContext) are built per process from the patched module.
+        # The app is preloaded, so ssl was imported before this patch. What depends on it is
+        # handled: HTTPS client pools are made per process from the patched module
+        # (delivery.RelayHTTP), and served connections are wrapped in gevent's SSLSocket
+        # whatever module made the context (_tls).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Monkey-patching ssl after ssl",
                                     category=Warning)
