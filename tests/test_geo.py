@@ -348,3 +348,69 @@ def test_synthetic_dbs(tmp_path):
         assert {i["database_type"] for i in geo.info()} == {"GeoLite2-Country", "GeoLite2-ASN"}
     finally:
         geo.close()
+
+
+SPECIAL_NETWORKS = [  # IANA special-purpose blocks (IPv4 and IPv6), as of 2026
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.0.0/29", "192.0.0.8/32", "192.0.0.9/32",
+    "192.0.0.10/32", "192.0.0.170/31", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24",
+    "192.88.99.0/24", "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",
+    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64",
+    "2001::/23", "2001::/32", "2001:1::1/128", "2001:1::2/128", "2001:2::/48", "2001:3::/32",
+    "2001:4:112::/48", "2001:10::/28", "2001:20::/28", "2001:30::/28", "2001:db8::/32",
+    "2002::/16", "2620:4f:8000::/48", "3fff::/20", "5f00::/16", "fc00::/7", "fe80::/10",
+    "ff00::/8",
+]
+# Python versions disagree inside these (3.11 keeps parts of them global, newer ones others):
+# geo takes them whole as not global.
+WHOLE_BLOCKS = [ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("2001::/23")]
+
+
+def _edges_and_random():
+    import random
+
+    addresses = []
+    for text in SPECIAL_NETWORKS:
+        net = ipaddress.ip_network(text)
+        low, high = int(net.network_address), int(net.broadcast_address)
+        step = 256 if net.version == 4 else 1 << 96
+        for number in (low - step, low - 1, low, low + 1, high - 1, high, high + 1, high + step):
+            if 0 <= number < 2 ** net.max_prefixlen:
+                addresses.append(ipaddress.IPv4Address(number) if net.version == 4
+                                 else ipaddress.IPv6Address(number))
+    addresses += list(ipaddress.ip_network("192.0.0.0/24"))
+    rng = random.Random(0)
+    addresses += [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(20000)]
+    addresses += [ipaddress.IPv6Address(rng.getrandbits(128)) for _ in range(20000)]
+    return addresses
+
+
+def test_global_check_agrees_with_the_standard_library():
+    """geo's own table answers like ipaddress.is_global on the edges of every special block
+    and on random addresses; the blocks Python versions disagree on are not global at all."""
+    from tunnel_telemetry.geo import is_global
+
+    for address in _edges_and_random():
+        if any(address in block for block in WHOLE_BLOCKS):
+            assert not is_global(address), address
+        else:
+            assert is_global(address) == address.is_global, address
+
+
+def test_lookups_leave_no_address_in_ipaddress_caches(geo_dbs):
+    """ipaddress caches is_private / is_global answers per address (128 of them): geo must
+    not ask, or recent client and endpoint addresses stay in the worker's memory."""
+    cached = [ipaddress.IPv4Address.is_private, ipaddress.IPv4Address.is_global,
+              ipaddress.IPv6Address.is_private]
+    cached = [prop.fget for prop in cached if hasattr(prop.fget, "cache_info")]
+    geo = open_geo(*geo_dbs)
+    try:
+        for fn in cached:
+            fn.cache_clear()
+        for text in ("81.2.69.160", "10.1.2.3", "2a02:ff0::1", "fd00::1", "::ffff:81.2.69.160"):
+            geo.lookup(text)
+            geo.lookup(ipaddress.ip_address(text))
+        assert [fn.cache_info().currsize for fn in cached] == [0] * len(cached)
+    finally:
+        geo.close()

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import shutil
+from bisect import bisect_right
 from typing import Any
 
 import maxminddb
@@ -128,6 +129,46 @@ def _cc(record: object) -> str:
     return UNKNOWN_CC
 
 
+# Addresses that are not global, never looked up: the IANA special-purpose blocks as Python's
+# ipaddress has them (3.11), with 192.0.0.0/24 and 2001::/23 whole (newer Pythons carve a few
+# anycast exceptions out of them). ipaddress's own is_global is not used: it remembers the
+# last 128 addresses it was asked about (functools.lru_cache), which kept recent clients'
+# and endpoints' addresses in every worker's memory.
+NOT_GLOBAL = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32",
+    "::/128", "::1/128", "::ffff:0:0/96", "100::/64", "2001::/23", "2001:db8::/32",
+    "fc00::/7", "fe80::/10",
+)
+
+
+def _ranges(version: int) -> tuple[list[int], list[int]]:
+    """NOT_GLOBAL's blocks of one IP version as sorted, merged (starts, ends)."""
+    blocks = sorted((int(net.network_address), int(net.broadcast_address))
+                    for net in map(ipaddress.ip_network, NOT_GLOBAL) if net.version == version)
+    starts: list[int] = []
+    ends: list[int] = []
+    for low, high in blocks:
+        if ends and low <= ends[-1] + 1:
+            ends[-1] = max(ends[-1], high)
+        else:
+            starts.append(low)
+            ends.append(high)
+    return starts, ends
+
+
+_NOT_GLOBAL = {4: _ranges(4), 6: _ranges(6)}
+
+
+def is_global(ip: _Address) -> bool:
+    """Whether ``ip`` is outside every NOT_GLOBAL block (a binary search; nothing kept)."""
+    starts, ends = _NOT_GLOBAL[ip.version]
+    number = int(ip)
+    i = bisect_right(starts, number) - 1
+    return i < 0 or number > ends[i]
+
+
 def _address(ip: object) -> _Address | None:
     """A global address to look up (IPv4-mapped IPv6 as IPv4), else None."""
     if isinstance(ip, str):
@@ -139,9 +180,7 @@ def _address(ip: object) -> _Address | None:
         return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_global:
-        return ip
-    return None
+    return ip if is_global(ip) else None
 
 
 class Geo:
