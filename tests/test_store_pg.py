@@ -5,6 +5,7 @@ test_store.py.
 """
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -294,3 +295,48 @@ def test_backlog_and_relay_once_on_postgres(tt_server, pg_url):
         assert store.backlog() == {}
     finally:
         store.close()
+
+
+COOPERATIVE_SCRIPT = r"""
+import json, sys, time
+from tunnel_telemetry.store_pg import PostgresStore   # imported before the patch, as in the master
+store = PostgresStore(sys.argv[1], pool_min=4, pool_max=4)
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from psycopg import waiting
+
+ticks = []
+def tick():
+    while True:
+        ticks.append(time.monotonic())
+        gevent.sleep(0.01)
+
+def slow():
+    with store._tx() as conn:
+        conn.execute("SELECT pg_sleep(0.3)")
+
+store._get_pool().wait(10)
+ticker = gevent.spawn(tick)
+started = time.monotonic()
+gevent.joinall([gevent.spawn(slow) for _ in range(4)], raise_error=True)
+ended = time.monotonic()
+elapsed = ended - started
+ticker.kill()
+points = [started] + [t for t in ticks if t > started] + [ended]
+gaps = [b - a for a, b in zip(points, points[1:])]
+print(json.dumps({"elapsed": elapsed, "max_gap": max(gaps), "wait": waiting.wait.__name__}))
+"""
+
+
+def test_queries_wait_cooperatively_in_a_gevent_worker(pg_url):
+    """psycopg chose its C wait (which blocks the whole event loop) when imported before
+    gevent's patch, as tt-server's master does: four 0.3 s queries in a patched process must run
+    side by side, and the loop must keep running meanwhile."""
+    out = subprocess.run([sys.executable, "-c", COOPERATIVE_SCRIPT, pg_url], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["wait"] == "wait_poll"
+    assert result["elapsed"] < 0.9, result  # one after another: 1.2 s
+    assert result["max_gap"] < 0.2, result  # the loop was never blocked for a query's length

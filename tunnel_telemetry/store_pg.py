@@ -153,6 +153,22 @@ def _jsonb(value: Any) -> Jsonb:
     return Jsonb(value, dumps=dumps)
 
 
+def cooperative_waits() -> bool:
+    """In a gevent worker, make psycopg wait for the server through gevent; True if changed.
+
+    psycopg picks its wait function when it is imported: poll() in C unless gevent had patched
+    ``select`` by then. tt-server imports it in the master, before a worker patches, and the C
+    wait blocks the worker's whole event loop for every round trip to the server: its other
+    requests stall meanwhile. ``wait_poll`` calls ``select.poll``, which gevent patched.
+    """
+    from psycopg import waiting  # noqa: PLC0415 - psycopg's own module, imported already
+
+    if not green.active() or waiting.wait is not getattr(waiting, "wait_c", None):
+        return False
+    waiting.wait = waiting.wait_poll
+    return True
+
+
 # Pools inherited across a fork: kept referenced so that the child never finalises (and so
 # never closes) connections that belong to the parent.
 _ABANDONED: list[ConnectionPool] = []
@@ -209,6 +225,7 @@ class PostgresStore:
             return self._pool
         with self._lock:
             if self._pid != pid or self._pool is None:
+                cooperative_waits()
                 if self._pool is not None:
                     _ABANDONED.append(self._pool)  # the parent's, after a fork
                 self._pool = ConnectionPool(
