@@ -325,7 +325,9 @@ elapsed = ended - started
 ticker.kill()
 points = [started] + [t for t in ticks if t > started] + [ended]
 gaps = [b - a for a, b in zip(points, points[1:])]
-print(json.dumps({"elapsed": elapsed, "max_gap": max(gaps), "wait": waiting.wait.__name__}))
+import selectors
+print(json.dumps({"elapsed": elapsed, "max_gap": max(gaps), "wait": waiting.wait.__name__,
+                  "selector": waiting.DefaultSelector is selectors.DefaultSelector}))
 """
 
 
@@ -337,6 +339,6 @@ def test_queries_wait_cooperatively_in_a_gevent_worker(pg_url):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["wait"] == "wait_poll"
+    assert result["wait"] == "wait_poll" and result["selector"]
     assert result["elapsed"] < 0.9, result  # one after another: 1.2 s
     assert result["max_gap"] < 0.2, result  # the loop was never blocked for a query's length

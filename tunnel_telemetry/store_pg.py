@@ -159,13 +159,18 @@ def cooperative_waits() -> bool:
     psycopg picks its wait function when it is imported: poll() in C unless gevent had patched
     ``select`` by then. tt-server imports it in the master, before a worker patches, and the C
     wait blocks the worker's whole event loop for every round trip to the server: its other
-    requests stall meanwhile. ``wait_poll`` calls ``select.poll``, which gevent patched.
+    requests stall meanwhile. ``wait_poll`` calls ``select.poll``, which gevent patched; new
+    connections wait through the selector class it bound at import, replaced by gevent's.
     """
+    import selectors  # noqa: PLC0415
+
     from psycopg import waiting  # noqa: PLC0415 - psycopg's own module, imported already
 
     if not green.active() or waiting.wait is not getattr(waiting, "wait_c", None):
         return False
     waiting.wait = waiting.wait_poll
+    if hasattr(waiting, "DefaultSelector"):
+        waiting.DefaultSelector = selectors.DefaultSelector
     return True
 
 
