@@ -398,6 +398,8 @@ def test_relay_normalises_uuid_case(secondary):
     ({"time": "yesterday"}, "$[1].time"),
     ({"t_received": "2024-02-30T10:00:00Z"}, "$[1].t_received"),
     ({"client_cc": "DROP"}, "$[1].client_cc"),
+    ({"client_cc": "NO\n"}, "$[1].client_cc"),
+    ({"uuid": "12345678-1234-1234-1234-123456789abc\n"}, "$[1].uuid"),
     ({"endpoint_port": 0}, "$[1].endpoint_port"),
     ({"failure": {"op": "x", "error": "alias not stored"}}, "$[1].failure"),
     ({"config": {"k": 1}}, "$[1].config.k"),

@@ -71,3 +71,28 @@ def test_errors_are_the_same_without_the_fast_check(monkeypatch):
     monkeypatch.setattr(schema, "fast_check", lambda name=None: None)
     assert schema.schema_errors(bad) == with_fast and len(with_fast) == 2
     assert schema.schema_errors(make_report()) == []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("uuid", "12345678-1234-1234-1234-123456789abc\n"),
+    ("time", "2026-01-01T00:00:00Z\n"),
+    ("client_asn", "AS13335\n"),
+    ("client_cc", "US\n"),
+])
+def test_a_final_newline_does_not_pass_a_pattern(client, field, value):
+    """JSON Schema's $ is the end of the string; Python's re also matched before a final
+    newline (a uuid with one was a 500, a country code with one was stored and relayed)."""
+    report = make_report()
+    if field == "time":
+        report["time"] = report["time"] + "\n"
+    else:
+        report[field] = value
+    response = client.post("/report", json=report)
+    assert response.status_code == 400, response.get_json()
+    errors = response.get_json()["errors"]
+    assert {"path": f"$.{field}", "message": "has the wrong format"} in errors
+
+
+def test_published_schema_keeps_ecma_anchors(client):
+    text = client.get("/report.schema.json").get_data(as_text=True)
+    assert "\\\\Z" not in text and '{2}$"' in text

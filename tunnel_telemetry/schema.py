@@ -40,13 +40,35 @@ def load_schema(name: str = "report.schema.json") -> dict[str, Any]:
         return json.load(fh)
 
 
+def python_patterns(value: Any) -> Any:
+    r"""A copy of a schema whose ``pattern``s end at the end of the string in Python too.
+
+    JSON Schema patterns are ECMA-262 regular expressions, where ``$`` is the end of the
+    string; in Python's ``re`` it also matches before a final newline, so ``"US\n"`` passed
+    ``^[A-Z]{2}$`` (and a uuid with a newline became a 500). Both validators run the copy
+    with ``\Z``; the published schema is unchanged.
+    """
+    if isinstance(value, dict):
+        return {key: _end_anchor(item) if key == "pattern" and isinstance(item, str)
+                else python_patterns(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [python_patterns(item) for item in value]
+    return value
+
+
+def _end_anchor(pattern: str) -> str:
+    body = pattern[:-1]
+    escaped = (len(body) - len(body.rstrip("\\"))) % 2 == 1  # "\\$" is a literal dollar
+    return body + "\\Z" if pattern.endswith("$") and not escaped else pattern
+
+
 @cache
 def validator(name: str = "report.schema.json") -> jsonschema.protocols.Validator:
     """A compiled validator for the named schema (built once per process)."""
     document = load_schema(name)
     cls = jsonschema.validators.validator_for(document)
     cls.check_schema(document)
-    return cls(document)
+    return cls(python_patterns(document))
 
 
 @cache
@@ -59,7 +81,7 @@ def fast_check(name: str = "report.schema.json") -> Callable[[Any], bool] | None
     """
     if fastjsonschema is None:
         return None
-    compiled = fastjsonschema.compile(load_schema(name))
+    compiled = fastjsonschema.compile(python_patterns(load_schema(name)))
 
     def check(instance: Any) -> bool:
         try:
