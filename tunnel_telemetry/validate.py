@@ -199,7 +199,7 @@ def parse_endpoint(text: str) -> Endpoint:
             v4 = ipaddress.IPv4Address(host)
         except ValueError:
             raise ValueError("not a valid IPv4 address") from None
-        return Endpoint(proto, str(v4), int(port), v4)
+        return Endpoint(proto, host, int(port), v4)  # accepted only in canonical form
     host = host.lower().rstrip(".")
     labels = host.split(".")
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
@@ -244,7 +244,8 @@ def validate(
 
     report: dict[str, Any] = {
         "report-type": "tunnel-telemetry",
-        "uuid": str(uuidlib.UUID(payload["uuid"])) if "uuid" in payload else str(uuidlib.uuid4()),
+        # The schema admits only the 8-4-4-4-12 hex form: lower case is its canonical text.
+        "uuid": payload["uuid"].lower() if "uuid" in payload else str(uuidlib.uuid4()),
         "time": format_time(started),
         "config": dict(payload.get("config") or {}),
         # JSON Schema counts 3000.0 as an integer; store and relay it as one.
