@@ -49,3 +49,18 @@ def test_client_ip(hops, header, headers, expected):
 ])
 def test_parse_address(value, expected):
     assert parse_address(value) == expected
+
+
+def test_an_ignored_proxy_header_is_pointed_out_once(caplog):
+    """Behind a proxy with proxy-hops 0 every client is the proxy: one rate limit for all and
+    the proxy's location. The operator is told once (without any address)."""
+    middleware = ProxyHeaders(lambda environ, start_response: [], 0, "X-Forwarded-For")
+    with caplog.at_level("WARNING", logger="tunnel_telemetry.proxy"):
+        middleware({"REMOTE_ADDR": "10.0.0.9"}, lambda *a: None)
+        assert not caplog.records
+        for _ in range(3):
+            middleware({"REMOTE_ADDR": "10.0.0.9", "HTTP_X_FORWARDED_FOR": "2.3.4.5"},
+                       lambda *a: None)
+    [record] = caplog.records
+    assert "proxy_header_ignored" in record.getMessage() and "proxy-hops" in record.getMessage()
+    assert "2.3.4.5" not in record.getMessage() and "10.0.0.9" not in record.getMessage()

@@ -67,10 +67,16 @@ class ProxyHeaders:
         self.environ_name = "HTTP_" + header.upper().replace("-", "_")
         self.kind = {"x-forwarded-for": "list", "forwarded": "forwarded"}.get(
             header.lower(), "single")
+        self.warned = False
 
     def client_ip(self, environ: dict[str, Any]) -> Address | None:
         """The client address for this request, or None when it cannot be trusted."""
         if self.hops == 0:
+            if not self.warned and self.environ_name in environ:
+                self.warned = True  # once per process: a hint, not a per-request cost
+                log.warning("proxy_header_ignored: requests carry %s but proxy-hops is 0; "
+                            "behind a proxy every client is the proxy's address (one rate "
+                            "limit, the proxy's location): set proxy-hops", self.header)
             return parse_ip(environ.get("REMOTE_ADDR") or "")
         raw = environ.get(self.environ_name)
         if raw is None:
