@@ -792,6 +792,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def serves(env: dict[str, str], source: Path) -> bool:
+    """Whether a process with ``env`` imports tunnel_telemetry from ``source`` (--source)."""
+    out = subprocess.run([sys.executable, "-c", "import tunnel_telemetry; "
+                          "print(tunnel_telemetry.__file__)"], env=env, cwd=tempfile.gettempdir(),
+                         capture_output=True, text=True)
+    found = Path(out.stdout.strip() or "/").resolve()
+    return out.returncode == 0 and found.is_relative_to(source.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
@@ -800,6 +809,11 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     bench = Bench(args)
+    if args.source and not serves(bench.env, args.source):
+        print(f"bench: --source {args.source}: the servers would not import tunnel_telemetry "
+              "from there (no package in it?)", file=sys.stderr)
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+        return 2
     info = machine()
     failed = []
     try:
