@@ -235,6 +235,9 @@ def test_store_is_fork_safe(store):
     ("sqlite:///x.db?timeout=0", "timeout"),
     ("sqlite:///x.db?timeout=soon", "timeout"),
     ("sqlite:///x.db?journal=off", "unknown SQLite option 'journal'"),
+    ("sqlite:///x.db?min_free_mb=-1", "min_free_mb"),
+    ("sqlite:///x.db?min_free_mb=lots", "min_free_mb"),
+    ("sqlite:///x.db?min_free_mb=inf", "min_free_mb"),
 ])
 def test_open_errors(url, message):
     with pytest.raises(StoreError, match=message):
@@ -585,7 +588,22 @@ def test_claim_walks_the_backlog_in_order_without_sorting_it(store):
 def test_sqlite_url_timeout(tmp_path):
     store = open_store(f"sqlite:///{tmp_path}/t.db?timeout=0.25")
     assert store.busy_timeout == 0.25 and store.path == f"{tmp_path}/t.db"
+    assert store.min_free_mb == 64
     store.close()
+
+
+def test_ping_is_false_when_the_disk_is_nearly_full(tmp_path):
+    """A full disk fails every commit while reads still work: ping (and /healthz) tell
+    before. Real free space of tmp_path's file system, against a bar it cannot reach."""
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize / 2**20
+    roomy = open_store(f"sqlite:///{tmp_path}/a.db?min_free_mb=0")
+    full = open_store(f"sqlite:///{tmp_path}/b.db?min_free_mb={free * 1000 + 10**6:.0f}")
+    try:
+        assert roomy.ping() and not full.ping()
+        assert abs(full.disk()["free_mb"] - free) < max(64, free * 0.05)
+    finally:
+        roomy.close()
+        full.close()
 
 
 @pytest.mark.parametrize("how", ["deleted", "moved", "replaced"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -38,6 +39,7 @@ from .errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "delivered", "failed", "expired", "skipped")
+DEFAULT_MIN_FREE_MB = 64.0  # free disk below which /healthz says the SQLite store is not ok
 _FORK_LOCK = green.native_lock()
 # Writers queue on an flock of this file (beside the database) before taking SQLite's write
 # lock: the kernel wakes the next one at once, where SQLite's busy handler sleeps and polls
@@ -248,9 +250,11 @@ class SQLiteStore:
 
     backend = "sqlite"
 
-    def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str, busy_timeout: float = 10.0,
+                 min_free_mb: float = DEFAULT_MIN_FREE_MB) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
+        self.min_free_mb = min_free_mb
         self._local = green.native_local()
         # The group commit's connection: one per process, used by whichever thread leads, so
         # its page cache stays warm from one batch to the next (a thread's own connection
@@ -562,15 +566,34 @@ class SQLiteStore:
         return self._conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
 
     def ping(self) -> bool:
-        """Whether the database at ``path`` answers; a connection to a file that has been
-        replaced since is dropped and the one there now is tried."""
+        """Whether the database at ``path`` answers and its disk has ``min_free_mb`` left; a
+        connection to a file that has been replaced since is dropped and the one there now is
+        tried."""
         for _ in range(2):
             try:
                 self._checked_handles()[0].execute("SELECT 1 FROM reports LIMIT 1").fetchall()
             except sqlite3.Error:
                 continue
-            return True
+            free = self.free_mb()
+            return free is None or free >= self.min_free_mb
         return False
+
+    def free_mb(self) -> float | None:
+        """Megabytes left for the database on its file system (None when unknown).
+
+        A full disk fails every commit (reports get 503) while reads still work: /healthz
+        says so before that happens, so a load balancer or an alert can act."""
+        try:
+            stat = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize / 2**20
+
+    def disk(self) -> dict[str, float] | None:
+        """What /healthz shows of the disk."""
+        free = self.free_mb()
+        return None if free is None else {"free_mb": round(free, 1),
+                                          "min_free_mb": self.min_free_mb}
 
     def close(self) -> None:
         """Close every connection this process opened (any thread's); a parent's, inherited
@@ -635,18 +658,25 @@ def sqlite_path(url: str) -> str:
 
 
 def sqlite_options(url: str) -> dict[str, float]:
-    """Options in the URL's query: ?timeout=SECONDS, how long a write waits for a lock."""
+    """Options in the URL's query: ?timeout=SECONDS, how long a write waits for a lock;
+    ?min_free_mb=MB, the free disk space below which /healthz reports the store not ok."""
     options: dict[str, float] = {}
     for name, values in parse_qs(urlsplit(url).query, keep_blank_values=True).items():
-        if name != "timeout":
-            raise StoreError(f"database-url: unknown SQLite option {name!r} (known: timeout)")
+        if name not in ("timeout", "min_free_mb"):
+            raise StoreError(f"database-url: unknown SQLite option {name!r} "
+                             "(known: timeout, min_free_mb)")
         try:
-            timeout = float(values[-1])
+            value = float(values[-1])
         except ValueError:
-            timeout = -1.0
-        if not 0 < timeout <= 600:
-            raise StoreError("database-url: timeout must be seconds between 0 and 600")
-        options["busy_timeout"] = timeout
+            value = math.nan
+        if name == "timeout":
+            if not 0 < value <= 600:
+                raise StoreError("database-url: timeout must be seconds between 0 and 600")
+            options["busy_timeout"] = value
+        else:
+            if not 0 <= value < math.inf:
+                raise StoreError("database-url: min_free_mb must be megabytes, 0 or more")
+            options["min_free_mb"] = value
     return options
 
 
