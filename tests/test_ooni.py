@@ -297,3 +297,13 @@ def test_one_session_is_shared_by_threads(fake, client):
         assert list(pool.map(lambda _: go(), range(4))) == ["delivered"] * 4
     assert isinstance(client.http, delivery.RelayHTTP)
     assert fake.stats()["connections"] <= 4
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"client_asn": "AS3320", "client_cc": "DE"}, ("AS3320", "DE")),
+    ({"client_asn": "AS3320\n", "client_cc": "DE\n"}, ("AS0", "ZZ")),
+    ({"client_asn": "as3320", "client_cc": "de"}, ("AS0", "ZZ")),
+    ({}, ("AS0", "ZZ")),
+])
+def test_probe_location_takes_only_well_formed_values(fields, expected):
+    assert ooni.probe_location(fields) == expected

@@ -369,7 +369,7 @@ def default_spool_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(state).expanduser() / "tunnel-telemetry" / "spool"
 
 
-_UUID_FILE = re.compile(r"^[0-9a-fA-F-]{36}\.json$")
+_UUID_FILE = re.compile(r"[0-9a-fA-F-]{36}\.json")
 
 
 class Spool:
@@ -398,7 +398,7 @@ class Spool:
     def put(self, report: Mapping[str, Any]) -> Path:
         """Write a report (which must have a uuid) atomically; return its file."""
         uid = report.get("uuid")
-        if not isinstance(uid, str) or not _UUID_FILE.match(f"{uid}.json"):
+        if not isinstance(uid, str) or not _UUID_FILE.fullmatch(f"{uid}.json"):
             raise ValueError("a spooled report needs a uuid")
         self._ensure()
         target = self.path_for(uid)
@@ -421,7 +421,7 @@ class Spool:
             return []
         found = []
         for p in self.directory.iterdir():
-            if _UUID_FILE.match(p.name) and p.is_file():
+            if _UUID_FILE.fullmatch(p.name) and p.is_file():
                 with contextlib.suppress(FileNotFoundError):
                     found.append((p.stat().st_mtime_ns, p.name, p))
         return [p for _, _, p in sorted(found)]

@@ -48,8 +48,8 @@ TEST_KEYS = (
     "sampling_rate",
 )
 ENDPOINT_KEYS = ("endpoint", "endpoint_addr")
-_ASN = re.compile(r"^AS[0-9]{1,10}$")
-_CC = re.compile(r"^[A-Z]{2}$")
+_ASN = re.compile(r"AS[0-9]{1,10}")
+_CC = re.compile(r"[A-Z]{2}")
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -78,8 +78,8 @@ def probe_location(report: Mapping[str, Any]) -> tuple[str, str]:
     """(probe_asn, probe_cc) of a report: the client's, AS0 / ZZ when unknown or malformed."""
     asn = report.get("client_asn")
     cc = report.get("client_cc")
-    asn = asn if isinstance(asn, str) and _ASN.match(asn) else "AS0"
-    cc = cc if isinstance(cc, str) and _CC.match(cc) else "ZZ"
+    asn = asn if isinstance(asn, str) and _ASN.fullmatch(asn) else "AS0"
+    cc = cc if isinstance(cc, str) and _CC.fullmatch(cc) else "ZZ"
     return asn, cc
 
 
