@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunnel_telemetry.scrub import PLACEHOLDER, contains_ip, scrub, scrub_text, secret_key
 
@@ -89,3 +91,42 @@ def test_scrub_text_is_linear_on_hostile_text(text):
     code = ("import sys; from tunnel_telemetry.scrub import scrub_text; "
             "scrub_text(sys.stdin.read())")
     subprocess.run([sys.executable, "-c", code], input=text, text=True, check=True, timeout=20)
+
+
+def test_fold_table_is_what_re_ignores_case_as():
+    """_hide's fold must find exactly what re.IGNORECASE would, for every character."""
+    import re
+
+    from tunnel_telemetry.scrub import _FOLD
+
+    chars = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    for letter in "abcdefghijklmnopqrstuvwxyz0123456789.-_":
+        by_re = set(re.findall(re.escape(letter), chars, re.IGNORECASE))
+        by_fold = {c for c in chars if c.translate(_FOLD) == letter}
+        assert by_re == by_fold, letter
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.sampled_from("abkisKIS.-xé\u0130\u0131\u017f\u212a "), max_size=40),
+       st.sampled_from(["ki", "s.k", "proxy-k.example", "is", "x"]))
+def test_hide_matches_the_regex(text, literal):
+    import re
+
+    from tunnel_telemetry.scrub import _hide
+
+    expected = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
+    assert _hide(text, literal) == expected
+
+
+def test_scrub_leaves_no_host_name_in_the_regex_cache():
+    import re
+
+    host = "unique-proxy-7f3a.example.net"
+    report = {"endpoint_addr": host, "endpoint": f"ss://{host}:443", "config": {},
+              "failure": {"op": "dns", "msg": f"lookup {host.upper()}: no such host ünïcode"}}
+    out = scrub(report, False)
+    assert out["failure"]["msg"] == f"lookup {PLACEHOLDER}: no such host ünïcode"
+    caches = [getattr(re, name) for name in ("_cache", "_cache2") if hasattr(re, name)]
+    if not caches:
+        pytest.skip("this Python's re keeps its pattern cache elsewhere")
+    assert not any("7f3a" in str(key) for cache in caches for key in cache)

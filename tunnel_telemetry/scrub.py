@@ -51,12 +51,40 @@ def _replace_ipv6(match: re.Match[str]) -> str:
     return token
 
 
+# What ignoring case means for an ASCII literal, as Python's re has it: each letter's two
+# cases, and four other characters (tests/test_scrub.py checks this against re). A length-
+# preserving fold, so a match in the folded text is a match at the same place in the text.
+_FOLD = str.maketrans({**{chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") + 1)},
+                       "\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
+def _hide(text: str, literal: str) -> str:
+    """``text`` with every occurrence of ``literal`` replaced, ignoring case.
+
+    No regular expression for an ASCII literal (a host name): ``re`` keeps the last 512
+    patterns it compiled, so proxies' host names would stay in the worker's memory."""
+    if not literal.isascii():
+        return re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
+    folded = text.lower() if text.isascii() else text.translate(_FOLD)
+    needle = literal.lower()
+    at = folded.find(needle)
+    if at < 0:
+        return text
+    out: list[str] = []
+    start = 0
+    while at >= 0:
+        out += (text[start:at], PLACEHOLDER)
+        start = at + len(needle)
+        at = folded.find(needle, start)
+    out.append(text[start:])
+    return "".join(out)
+
+
 def scrub_text(text: str, extra: tuple[str, ...] = ()) -> str:
     """Replace IP addresses (and the given literal strings) in free text."""
     for literal in extra:
-        # ASCII text without the literal needs no regex (Unicode case rules are the regex's).
-        if literal and (not text.isascii() or literal.lower() in text.lower()):
-            text = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
+        if literal:
+            text = _hide(text, literal)
     # Each pass only where it can match (an IPv6 address has 2+ colons, an IPv4 one 3 dots):
     # most text has neither, and the token scan calls back into Python for every word.
     if text.count(":") >= 2:
