@@ -27,9 +27,12 @@ import errno
 import io
 import json
 import logging
+import mmap
+import os
 import signal
 import socket
 import ssl
+import struct
 import time
 import warnings
 from datetime import datetime
@@ -51,6 +54,10 @@ from gunicorn.workers.ggevent import GeventWorker
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.2  # seconds between flushes of the batched access log
+BALANCE_SLOTS = 64  # workers the connection balance can see (a worker's slot: its age % 64)
+BALANCE_FLOOR = 4  # a worker with fewer open connections always accepts
+BALANCE_RETRY = 0.002  # seconds a worker that left a connection to another waits to look again
+BALANCE_FRESH = 0.5  # seconds a worker's heartbeat counts: a stuck or dead one is not waited for
 STOP_POLL = 0.05  # seconds between checks for a stop signal
 SHUTDOWN_POLL = 0.1  # seconds between checks for finished requests when stopping
 IDLE_GRACE = 1.0  # seconds a stopping worker still answers requests on kept-alive connections
@@ -178,11 +185,86 @@ class _Response(wsgi.Response):
         super().close()
 
 
+class Balance:
+    """Open connections per worker, in memory the master shares with every worker it forks.
+
+    Workers race to accept each new connection; when many arrive at once (a proxy's or a load
+    generator's keep-alive pool) one worker can end up with twice the connections of another
+    and queue requests while the other idles. A worker holding more than the least loaded live
+    worker (plus a little slack) leaves new connections to it for a moment. Each slot is
+    written by its own worker only; readers take what they see (no lock)."""
+
+    _ROW = struct.Struct("<qqd")  # pid, open connections, heartbeat (time.monotonic)
+
+    def __init__(self) -> None:
+        self.buf = mmap.mmap(-1, BALANCE_SLOTS * self._ROW.size)  # shared across fork
+        self.slot: int | None = None
+        self.open = 0
+
+    def join(self, age: int) -> None:
+        self.slot = age % BALANCE_SLOTS
+        self.open = 0
+        self._ROW.pack_into(self.buf, self.slot * self._ROW.size, os.getpid(), 0,
+                            time.monotonic())
+
+    def leave(self) -> None:
+        if self.slot is not None:
+            self._ROW.pack_into(self.buf, self.slot * self._ROW.size, 0, 0, 0.0)
+            self.slot = None
+
+    def beat(self) -> None:
+        if self.slot is not None:
+            self._ROW.pack_into(self.buf, self.slot * self._ROW.size, os.getpid(), self.open,
+                                time.monotonic())
+
+    def opened(self, delta: int) -> None:
+        self.open += delta
+        if self.slot is not None:
+            struct.pack_into("<q", self.buf, self.slot * self._ROW.size + 8, self.open)
+
+    def should_wait(self) -> bool:
+        """Whether another live worker holds clearly fewer open connections than this one."""
+        if self.open < BALANCE_FLOOR or self.slot is None:
+            return False
+        now = time.monotonic()
+        fewest = None
+        for index, (pid, count, beat) in enumerate(self._ROW.iter_unpack(self.buf)):
+            if pid and index != self.slot and now - beat < BALANCE_FRESH:
+                fewest = count if fewest is None else min(fewest, count)
+        return fewest is not None and self.open > fewest + 1 + self.open // 8
+
+
+BALANCE = Balance()  # made at import, in the master: its forks share the memory
+
+
+class _BalancedServer(StreamServer):
+    """gevent's StreamServer, leaving new connections to a less loaded worker (Balance)."""
+
+    balance: Balance | None = None
+
+    def do_read(self) -> Any:
+        balance = self.balance
+        if balance is not None and balance.should_wait():
+            self.stop_accepting()
+            self._balance_timer = self.loop.timer(BALANCE_RETRY)
+            self._balance_timer.start(self._look_again)
+            return None
+        accepted = super().do_read()
+        if accepted and balance is not None:
+            balance.opened(1)
+        return accepted
+
+    def _look_again(self) -> None:
+        if self.started and not self.closed:
+            self.start_accepting()
+
+
 class CollectorWorker(GeventWorker):
     """gevent worker with request deadlines, JSON error answers and logs that name no client."""
 
     header_timeout = 10.0
     request_timeout = 30.0
+    balance: Balance | None = None
 
     def init_process(self) -> None:
         # Until gunicorn installs this worker's handlers (after gevent's patching, ~0.1 s), a
@@ -213,15 +295,20 @@ class CollectorWorker(GeventWorker):
         self.is_ssl, self.keepalive = self.cfg.is_ssl, self.cfg.keepalive
         self.pre_request_hook, self.post_request_hook = self.cfg.pre_request, self.cfg.post_request
         self.waiting: set[Any] = set()  # kept-alive connections between requests
+        self.balance = BALANCE if self.cfg.workers > 1 else None
+        if self.balance is not None:
+            self.balance.join(self.age)
         servers = []
         for listener in self.sockets:
             listener.setblocking(1)
             # The name is read now: a connection accepted just before a graceful stop is served
             # after the listener was closed.
-            server = StreamServer(listener, handle=partial(self.handle, listener.getsockname()),
-                                  spawn=Pool(self.worker_connections))
-            if self.cfg.workers > 1:
+            server = _BalancedServer(listener,
+                                     handle=partial(self.handle, listener.getsockname()),
+                                     spawn=Pool(self.worker_connections))
+            if self.balance is not None:
                 server.max_accept = 1  # leave the next connection to an idle worker
+                server.balance = self.balance
             server.start()
             servers.append(server)
         flusher = gevent.spawn(self._flush_access_log)
@@ -231,7 +318,11 @@ class CollectorWorker(GeventWorker):
                 if time.monotonic() - beat >= 1.0:
                     self.notify()
                     beat = time.monotonic()
+                if self.balance is not None:
+                    self.balance.beat()
                 gevent.sleep(STOP_POLL)
+            if self.balance is not None:
+                self.balance.leave()  # a stopping worker takes no new connections
             self._stop(servers)
         finally:
             flusher.kill()
@@ -305,6 +396,8 @@ class CollectorWorker(GeventWorker):
             self.handle_error(req, client, addr, exc)
         finally:
             util.close(client)
+            if self.balance is not None:
+                self.balance.opened(-1)
 
     def _tls(self, client: Any) -> Any:
         """Wrap in TLS with the current certificate (autotls.ReloadingSSLContext: reloaded on
