@@ -600,7 +600,8 @@ def test_ping_is_false_when_the_disk_is_nearly_full(tmp_path):
     full = open_store(f"sqlite:///{tmp_path}/b.db?min_free_mb={free * 1000 + 10**6:.0f}")
     try:
         assert roomy.ping() and not full.ping()
-        assert abs(full.disk()["free_mb"] - free) < max(64, free * 0.05)
+        assert (roomy.disk(), full.disk()) == ("ok", "low")
+        assert abs(full.free_mb() - free) < max(64, free * 0.05)
     finally:
         roomy.close()
         full.close()

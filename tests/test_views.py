@@ -117,9 +117,7 @@ def test_healthz(client):
     if os.environ.get("TT_TEST_BACKEND") == "postgres":
         assert body["store"] == {"backend": "postgresql", "ok": True}
     else:
-        disk = body["store"].pop("disk")
-        assert body["store"] == {"backend": "sqlite", "ok": True}
-        assert disk["min_free_mb"] == 64 and disk["free_mb"] >= 64
+        assert body["store"] == {"backend": "sqlite", "ok": True, "disk": "ok"}
     assert body["relay"]["backlog"] == {}
 
 
@@ -129,9 +127,7 @@ def test_healthz_is_503_when_the_database_disk_is_nearly_full(tmp_path):
     app = create_app({"database-url": f"sqlite:///{tmp_path}/r.db?min_free_mb=1e12"})
     resp = app.test_client().get("/healthz")
     assert resp.status_code == 503
-    store = resp.get_json()["store"]
-    assert store["ok"] is False and store["disk"]["min_free_mb"] == 1e12
-    assert store["disk"]["free_mb"] < 1e12
+    assert resp.get_json()["store"] == {"backend": "sqlite", "ok": False, "disk": "low"}
 
 
 def test_schema_endpoint(client):

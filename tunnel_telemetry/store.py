@@ -589,11 +589,10 @@ class SQLiteStore:
             return None
         return stat.f_bavail * stat.f_frsize / 2**20
 
-    def disk(self) -> dict[str, float] | None:
-        """What /healthz shows of the disk."""
+    def disk(self) -> str | None:
+        """What /healthz shows of the disk: "ok" or "low" (no figures on a public page)."""
         free = self.free_mb()
-        return None if free is None else {"free_mb": round(free, 1),
-                                          "min_free_mb": self.min_free_mb}
+        return None if free is None else "ok" if free >= self.min_free_mb else "low"
 
     def close(self) -> None:
         """Close every connection this process opened (any thread's); a parent's, inherited

@@ -147,8 +147,8 @@ def healthz() -> tuple[Response, int]:
     return jsonify(body), 200 if store_ok else 503
 
 
-def _disk(store: Any) -> dict[str, float] | None:
-    """Free space of a store on local disk (SQLite), None for a database server's."""
+def _disk(store: Any) -> str | None:
+    """"ok" / "low" for a store on local disk (SQLite), None for a database server's."""
     disk = getattr(store, "disk", None)
     return disk() if disk is not None else None
 
