@@ -173,6 +173,29 @@ def test_store_io_errors_are_503_until_it_recovers(tmp_path, tt_server, immutabl
     assert "store error: OperationalError io_error" in server.logs()
 
 
+def test_healthz_says_the_disk_is_low_before_it_is_full(tiny_fs, tt_server):
+    """On a real 1 MiB file system: /healthz is ok while there is room, 503 with "disk": "low"
+    once less than min_free_mb is left (load balancers and alerts act on it), ok again when
+    space comes back."""
+    db = tiny_fs / "reports.db"
+    server = tt_server("--workers", "2", "--database-url", f"sqlite:///{db}?min_free_mb=0.3")
+
+    def health():
+        with requests.get(server.url + "/healthz", timeout=10) as resp:
+            return resp.status_code, resp.json()["store"]
+
+    assert health() == (200, {"backend": "sqlite", "ok": True, "disk": "ok"})
+    for _ in range(200):
+        if health()[0] == 503:
+            break
+        status, headers, body = post(server, big_report(str(uuid.uuid4())))
+        if status != 201:
+            assert_retry_later(status, headers, body)
+    assert health() == (503, {"backend": "sqlite", "ok": False, "disk": "low"})
+    tiny_fs.remount("size=32m")
+    assert health() == (200, {"backend": "sqlite", "ok": True, "disk": "ok"})
+
+
 def test_deleted_database_is_503_not_acknowledged_into_the_void(tmp_path, tt_server):
     db = tmp_path / "reports.db"
     server = tt_server("--workers", "2", "--database-url", f"sqlite:///{db}")

@@ -130,3 +130,14 @@ def test_scrub_leaves_no_host_name_in_the_regex_cache():
     if not caches:
         pytest.skip("this Python's re keeps its pattern cache elsewhere")
     assert not any("7f3a" in str(key) for cache in caches for key in cache)
+
+
+@pytest.mark.parametrize("text, literal, expected", [
+    ("dial ПРОКСИ.example: refused", "прокси.example", f"dial {PLACEHOLDER}: refused"),
+    ("ΣΟΦΙΑ-proxy ok", "σοφια-proxy", f"{PLACEHOLDER} ok"),
+    ("ÀB ab àb", "àb", f"{PLACEHOLDER} ab {PLACEHOLDER}"),
+])
+def test_hide_non_ascii_literals_without_a_regex(text, literal, expected):
+    from tunnel_telemetry.scrub import _hide
+
+    assert _hide(text, literal) == expected

@@ -158,12 +158,12 @@ def _ranges(version: int) -> tuple[list[int], list[int]]:
     return starts, ends
 
 
-_NOT_GLOBAL = {4: _ranges(4), 6: _ranges(6)}
+_RANGES = {4: _ranges(4), 6: _ranges(6)}
 
 
 def is_global(ip: _Address) -> bool:
     """Whether ``ip`` is outside every NOT_GLOBAL block (a binary search; nothing kept)."""
-    starts, ends = _NOT_GLOBAL[ip.version]
+    starts, ends = _RANGES[ip.version]
     number = int(ip)
     i = bisect_right(starts, number) - 1
     return i < 0 or number > ends[i]

@@ -51,22 +51,26 @@ def _replace_ipv6(match: re.Match[str]) -> str:
     return token
 
 
-# What ignoring case means for an ASCII literal, as Python's re has it: each letter's two
-# cases, and four other characters (tests/test_scrub.py checks this against re). A length-
-# preserving fold, so a match in the folded text is a match at the same place in the text.
+# What ignoring case means for an ASCII letter, as Python's re has it: its two cases, and four
+# other characters (tests/test_scrub.py checks this against re).
 _FOLD = str.maketrans({**{chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") + 1)},
                        "\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
+def _fold(text: str) -> str:
+    """Lower case, one character for one (so a match in the folded text is a match at the
+    same place in the text)."""
+    if text.isascii():
+        return text.lower()
+    return "".join(low if len(low := c.lower()) == 1 else c for c in text.translate(_FOLD))
 
 
 def _hide(text: str, literal: str) -> str:
     """``text`` with every occurrence of ``literal`` replaced, ignoring case.
 
-    No regular expression for an ASCII literal (a host name): ``re`` keeps the last 512
-    patterns it compiled, so proxies' host names would stay in the worker's memory."""
-    if not literal.isascii():
-        return re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
-    folded = text.lower() if text.isascii() else text.translate(_FOLD)
-    needle = literal.lower()
+    No regular expression: ``re`` keeps the last 512 patterns it compiled, so the endpoints'
+    host names would stay in the worker's memory."""
+    folded, needle = _fold(text), _fold(literal)
     at = folded.find(needle)
     if at < 0:
         return text

@@ -98,6 +98,8 @@ class Store(Protocol):
 
     def ping(self) -> bool: ...
 
+    def disk(self) -> str | None: ...
+
     def close(self) -> None: ...
 
 
@@ -574,8 +576,7 @@ class SQLiteStore:
                 self._checked_handles()[0].execute("SELECT 1 FROM reports LIMIT 1").fetchall()
             except sqlite3.Error:
                 continue
-            free = self.free_mb()
-            return free is None or free >= self.min_free_mb
+            return self.disk() != "low"
         return False
 
     def free_mb(self) -> float | None:
@@ -590,7 +591,8 @@ class SQLiteStore:
         return stat.f_bavail * stat.f_frsize / 2**20
 
     def disk(self) -> str | None:
-        """What /healthz shows of the disk: "ok" or "low" (no figures on a public page)."""
+        """"ok", or "low" under ``min_free_mb`` (/healthz shows no figures: a public page);
+        None when unknown."""
         free = self.free_mb()
         return None if free is None else "ok" if free >= self.min_free_mb else "low"
 

@@ -427,6 +427,10 @@ class PostgresStore:
             return False
         return True
 
+    def disk(self) -> str | None:
+        """None: the database server's disk is not this process's to see."""
+        return None
+
     def close(self) -> None:
         """Close this process's pool (a pool inherited across a fork is left alone)."""
         with self._lock:

@@ -138,19 +138,13 @@ def healthz() -> tuple[Response, int]:
     body: dict[str, Any] = {
         "ok": store_ok,
         "store": {"backend": svc.store.backend, "ok": store_ok,
-                  **({"disk": disk} if (disk := _disk(svc.store)) else {})},
+                  **({"disk": disk} if (disk := svc.store.disk()) else {})},
         "geo": svc.geo.info(),
         "relay": {"destinations": [label(d) for d in svc.relay.destinations()],
                   "backlog": {label(d): v for d, v in backlog.items()} if backlog else backlog,
                   **health},
     }
     return jsonify(body), 200 if store_ok else 503
-
-
-def _disk(store: Any) -> str | None:
-    """"ok" / "low" for a store on local disk (SQLite), None for a database server's."""
-    disk = getattr(store, "disk", None)
-    return disk() if disk is not None else None
 
 
 def public_labels(destinations: list[str]) -> Any:

@@ -204,8 +204,7 @@ class Balance:
     def join(self, age: int) -> None:
         self.slot = age % BALANCE_SLOTS
         self.open = 0
-        self._ROW.pack_into(self.buf, self.slot * self._ROW.size, os.getpid(), 0,
-                            time.monotonic())
+        self.beat()
 
     def leave(self) -> None:
         if self.slot is not None:
@@ -213,14 +212,14 @@ class Balance:
             self.slot = None
 
     def beat(self) -> None:
+        """Publish this worker's slot: alive now, with its open connections."""
         if self.slot is not None:
             self._ROW.pack_into(self.buf, self.slot * self._ROW.size, os.getpid(), self.open,
                                 time.monotonic())
 
     def opened(self, delta: int) -> None:
         self.open += delta
-        if self.slot is not None:
-            struct.pack_into("<q", self.buf, self.slot * self._ROW.size + 8, self.open)
+        self.beat()  # at once: in a burst the others must see it before the next accept
 
     def should_wait(self) -> bool:
         """Whether another live worker holds clearly fewer open connections than this one."""
