@@ -111,12 +111,34 @@ def test_n_reports_reuse_one_open_report_and_connection(make_app, fake):
     assert (s["opens"], s["submissions"], s["uuids"], s["connections"]) == (1, 10, 10, 1)
 
 
-def test_unknown_client_location_is_not_sent_and_marked_skipped(make_app, fake):
+def count_writes(monkeypatch, store):
+    """Calls of the store's relay-row writes after ``add`` (the behaviour is unchanged)."""
+    calls = []
+    for name in ("finish", "release"):
+        real = getattr(store, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, counted)
+    return calls
+
+
+def test_unknown_client_location_is_not_sent_and_marked_skipped(make_app, fake, monkeypatch):
     app = make_app()
+    writes = count_writes(monkeypatch, svc(app).store)
     body = post(app, client_asn="AS0", client_cc="ZZ")
     assert body["relay"] == {"ooni": "skipped", "ooni-reason": "client-location-unknown"}
-    assert ooni_state(app, body["uuid"])["state"] == "skipped"
+    state = ooni_state(app, body["uuid"])
+    assert (state["state"], state["error"], state["attempts"]) == (
+        "skipped", "client-location-unknown", 0)
+    assert writes == []  # stored skipped with the report: no second write records it
     assert fake.stats()["requests"] == 0
+    again = app.test_client().post("/report", json=make_report(
+        uuid=body["uuid"], client_asn="AS0", client_cc="ZZ"))
+    assert (again.status_code, again.get_json()["relay"]) == (201, body["relay"])
+    assert writes == [] and svc(app).store.backlog() == {}  # nothing left for the retry loop
 
 
 @pytest.mark.parametrize("fault, kwargs, state, reason", [
@@ -462,18 +484,21 @@ def test_relay_scrubs_config_again(secondary):
     assert svc(secondary).store.get(item["uuid"])["config"] == {"mode": "tcp"}
 
 
-def test_relayed_reports_are_relayed_further(make_app, fake):
+def test_relayed_reports_are_relayed_further(make_app, fake, monkeypatch):
     app = make_app("b", **{**FAST, "relay-tokens": [TOKEN]})
     client = app.test_client()
     client.get("/healthz")  # starts the retry loop, as a first request does
     fresh, known = relayed(), relayed(**{"ooni-measurement-id": "m1",
                                          "ooni-measurement-link":
                                          "https://explorer.ooni.org/m/m1"})
+    writes = count_writes(monkeypatch, svc(app).store)
     assert relay_post(app, [fresh, known]).get_json()["created"] == 2
+    assert ooni_state(app, known["uuid"])["state"] == "skipped"  # stored so, nothing to do
     wait_until(lambda: ooni_state(app, fresh["uuid"])["state"] == "delivered", what="relayed on")
     assert ooni_state(app, known["uuid"]) | {"error": "already-in-ooni"} == ooni_state(
         app, known["uuid"])
     assert ooni_state(app, known["uuid"])["state"] == "skipped"
+    assert writes == ["finish"]  # the fresh report's delivery; none for the known one
     [m] = fake.measurements
     assert m.uuid == fresh["uuid"]
     assert m.content["annotations"]["collector_id"] == "primary-1"  # the primary's id

@@ -287,8 +287,12 @@ class NullRelay:
     def destinations(self) -> list[str]:
         return []
 
-    def add_options(self) -> dict[str, Any]:
+    def add_options(self, report: Mapping[str, Any]) -> dict[str, Any]:
         """Extra arguments for ``store.add`` (none: nothing is attempted at once)."""
+        return {}
+
+    def skipped(self, report: Mapping[str, Any]) -> dict[str, str]:
+        """No destination, none skipped."""
         return {}
 
     def after_store(self, report: dict[str, Any], created: bool) -> dict[str, Any]:
@@ -328,9 +332,23 @@ class Relay:
     def destinations(self) -> list[str]:
         return list(self._dests)
 
-    def add_options(self) -> dict[str, Any]:
-        """Lease the new relay rows to this process so the first attempt is ours alone."""
-        return {"lease_owner": self._state().owner, "lease_seconds": self._lease}
+    def add_options(self, report: Mapping[str, Any]) -> dict[str, Any]:
+        """Lease the new relay rows to this process so the first attempt is ours alone; the
+        rows of destinations that would not take ``report`` start skipped (one write, where
+        recording the skip afterwards took a second one)."""
+        return {"lease_owner": self._state().owner, "lease_seconds": self._lease,
+                "skipped": self.skipped(report)}
+
+    def skipped(self, report: Mapping[str, Any]) -> dict[str, str]:
+        """The destinations that would not take ``report`` (e.g. OONI without the client's
+        network), with the reason: ``store.add`` stores their rows as skipped."""
+        ps = self._state()
+        out = {}
+        for dest in self._dests:
+            outcome = ps.senders[dest].precheck(report)
+            if outcome is not None and outcome.state == SKIPPED:
+                out[dest] = outcome.describe()
+        return out
 
     def after_store(self, report: dict[str, Any], created: bool) -> dict[str, Any]:
         """Try every destination now (up to relay-timeout); the fields to add to the answer.
@@ -590,16 +608,16 @@ class Relay:
         results: dict[str, Outcome] = {}
         futures: dict[str, concurrent.futures.Future] = {}
         for dest in self._dests:
-            sender = ps.senders[dest]
+            skip = ps.senders[dest].precheck(report)
+            if skip is not None:
+                if skip.state != SKIPPED:  # a skip was stored with the report (add_options)
+                    self._record(ps, dest, uuid, 0, skip)
+                results[dest] = skip
+                continue
             hold = self._held_until(ps, dest)
             if hold > time.time():
                 self.store.release([uuid], dest, ps.owner, next_attempt=hold)
                 results[dest] = Outcome.retry("backing-off", "the destination failed recently")
-                continue
-            skip = sender.precheck(report)
-            if skip is not None:
-                self._record(ps, dest, uuid, 0, skip)
-                results[dest] = skip
                 continue
             future = self._submit(ps, dest, report, start_by)
             if future is None:
@@ -890,7 +908,7 @@ def receive_batch(payload: Any, store: Any, relay: Any, config: Any) -> dict[str
             continue
         report = scrub(dict(item, uuid=str(uuidlib.UUID(item["uuid"]))),
                        config.allow_public_endpoint)
-        kept, new = store.add(report, relay.destinations())
+        kept, new = store.add(report, relay.destinations(), skipped=relay.skipped(report))
         stored.append(kept["uuid"])
         created += new
     if created:

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,7 +68,8 @@ class Store(Protocol):
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
             lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None) -> tuple[dict[str, Any], bool]: ...
+            body: str | None = None,
+            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]: ...
 
     def get(self, uuid: str) -> dict[str, Any] | None: ...
 
@@ -108,7 +109,6 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-
 def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
     """SQLiteStore.add for a batch: the same outcome per write as one ``insert`` each.
 
@@ -135,8 +135,19 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
     if rows:
         conn.executemany("INSERT INTO reports (uuid, received, body) VALUES (?, ?, ?)", rows)
     if relays:
-        conn.executemany("INSERT INTO relays (uuid, destination, created, next_attempt, "
-                         "lease_owner, lease_until) VALUES (?, ?, ?, ?, ?, ?)", relays)
+        conn.executemany("INSERT INTO relays (uuid, destination, state, last_error, created, "
+                         "next_attempt, lease_owner, lease_until) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", relays)
+
+
+def relay_row(uuid: str, dest: str, now: float, lease_owner: str | None,
+              lease_seconds: float, skipped: Mapping[str, str] | None) -> tuple:
+    """A new relay row's values (``relays`` column order of ``add``'s insert): pending, and
+    leased when there is an owner; or already skipped, with the reason and no lease."""
+    if skipped and dest in skipped:
+        return (uuid, dest, "skipped", skipped[dest], now, now, None, None)
+    lease_until = now + lease_seconds if lease_owner else None
+    return (uuid, dest, "pending", None, now, now, lease_owner, lease_until)
 
 
 def _run_writes(conn: sqlite3.Connection, writes: list[_Write]) -> None:
@@ -415,17 +426,20 @@ class SQLiteStore:
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
             lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None) -> tuple[dict[str, Any], bool]:
+            body: str | None = None,
+            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
         """Store a report once by uuid and queue it for each destination, atomically.
 
         With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
         the caller can attempt them at once without another process claiming them too.
         ``body``: the report already encoded by ``dumps`` (the view answers with it).
+        ``skipped``: destinations (among ``destinations``) that will never get this report,
+        with the reason; their rows start final, so no second write records the skip.
         """
         now = time.time()
         uuid, body = report["uuid"], body or dumps(report)
-        lease_until = now + lease_seconds if lease_owner else None
-        relays = [(uuid, dest, now, now, lease_owner, lease_until) for dest in destinations]
+        relays = [relay_row(uuid, dest, now, lease_owner, lease_seconds, skipped)
+                  for dest in destinations]
 
         return self._grouped(None, (uuid, now, body, relays, report))
 

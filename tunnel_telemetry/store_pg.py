@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import green
 from .errors import ReportError, StoreUnavailable
-from .store import STATES, Claim, StoreError, dumps
+from .store import STATES, Claim, StoreError, dumps, relay_row
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +268,16 @@ class PostgresStore:
 
     def add(self, report: dict[str, Any], destinations: list[str], *,
             lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None) -> tuple[dict[str, Any], bool]:
+            body: str | None = None,
+            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
         """Store a report once by uuid and queue it for each destination, atomically.
 
         With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
         the caller can attempt them at once without another process claiming them too.
         ``body`` (the SQLite store's text) is not needed: psycopg encodes the jsonb itself.
+        ``skipped``: destinations whose rows start final (skipped, with the reason).
         """
         now = time.time()
-        lease_until = now + lease_seconds if lease_owner else None
         with self._tx() as conn:
             row = conn.execute(
                 "INSERT INTO reports (uuid, received, body) VALUES (%s, %s, %s) "
@@ -288,10 +289,14 @@ class PostgresStore:
                                       (report["uuid"],)).fetchone()
                 return stored[0], False
             if destinations:
-                conn.execute(
-                    "INSERT INTO relays (uuid, destination, created, next_attempt, lease_owner, "
-                    "lease_until) SELECT %s, d, %s, %s, %s, %s FROM unnest(%s::text[]) AS d",
-                    (report["uuid"], now, now, lease_owner, lease_until, list(destinations)),
+                rows = [relay_row(report["uuid"], dest, now, lease_owner, lease_seconds, skipped)
+                        for dest in destinations]
+                conn.execute(  # one statement for every destination: the columns as arrays
+                    "INSERT INTO relays (uuid, destination, state, last_error, created, "
+                    "next_attempt, lease_owner, lease_until) SELECT * FROM unnest("
+                    "%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
+                    "%s::float8[], %s::text[], %s::float8[])",
+                    [list(column) for column in zip(*rows, strict=True)],
                 )
         return report, True
 

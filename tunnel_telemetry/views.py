@@ -97,7 +97,7 @@ def post_report() -> tuple[Response, int]:
     clean = scrub(enriched, config.allow_public_endpoint)
     text = dumps(clean)
     stored, created = svc.store.add(clean, svc.relay.destinations(), body=text,
-                                    **svc.relay.add_options())
+                                    **svc.relay.add_options(clean))
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
     if created and not extra:  # the answer is the report as stored: encoded once
