@@ -20,6 +20,7 @@ from tunnel_telemetry.relay import (
     backoff,
     is_destination_failure,
 )
+from tunnel_telemetry.store import dumps
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import free_port, wait_until
@@ -101,6 +102,19 @@ def test_happy_path_returns_explorer_link_and_persists_it(make_app, fake):
     assert m.content["test_keys"] == expected
     assert m.content["annotations"] == {"report_uuid": body["uuid"], "collector_id": "col-a"}
     assert m.content["test_runtime"] == 1.5
+
+
+def test_answer_is_the_stored_text_with_the_relay_fields_after_it(make_app, fake):
+    app = make_app()
+    resp = app.test_client().post("/report", json=make_report(**IT, config={"prefix": "é"}))
+    body = resp.get_json()
+    assert body["config"] == {"prefix": "é"}
+    assert list(body)[-2:] == ["ooni-measurement-id", "ooni-measurement-link"]
+    report = {k: v for k, v in body.items() if not k.startswith("ooni-")}
+    text = resp.get_data(as_text=True)
+    # Encoded once, as with the relay off (UTF-8 as it is, not \u escapes).
+    assert text.startswith(dumps(report)[:-1] + ',"ooni-measurement-id":')
+    assert list(post(app, client_cc="ZZ", client_asn="AS0"))[-1] == "relay"
 
 
 def test_n_reports_reuse_one_open_report_and_connection(make_app, fake):
