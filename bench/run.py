@@ -89,6 +89,35 @@ def loadavg() -> str:
         return " ".join(fh.read().split()[:3])
 
 
+# A fixed single-threaded workload like a report's (JSON in and out, a regex, dict work): its CPU
+# time says how fast the host runs Python right now. Shared VMs drift by 20-40 % within an
+# hour; comparing runs' figures without this number compares hosts as much as code.
+_PROBE = """
+import json, re, time
+report = {"report-type": "tunnel-telemetry", "time": "2026-12-04T21:00:00Z", "proto": "ss",
+          "endpoint": "ss://198.51.100.7:443", "config": {"prefix": "xx", "mode": "tcp"},
+          "duration_ms": 1200, "failure": {"op": "tcp.connect", "msg": "timeout"}}
+pattern = re.compile(r"^(?P<proto>[a-z0-9+]+)://(?P<host>[^:/]+):(?P<port>[0-9]+)$")
+start = time.process_time()
+for i in range(20000):
+    data = json.loads(json.dumps(dict(report, duration_ms=i)))
+    pattern.match(data["endpoint"]).group("host")
+print(round((time.process_time() - start) * 1000, 1))
+"""
+
+
+def host_probe_ms() -> float | None:
+    """The probe's CPU milliseconds (best of three; lower is a faster host), None if it fails."""
+    times = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True)
+        try:
+            times.append(float(out.stdout.strip()))
+        except ValueError:
+            return None
+    return min(times)
+
+
 class Server(TTServer):
     """A tt-server or echo subprocess; ready when POST /report answers 201 (polled each 10 ms).
 
@@ -742,7 +771,8 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
             "wrk": (wrk.stdout or wrk.stderr).split("\n", 1)[0].strip(),
-            "packages": versions, "commit": commit, "loadavg_start": loadavg()}
+            "packages": versions, "commit": commit, "loadavg_start": loadavg(),
+            "host_probe_ms_start": host_probe_ms()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -822,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         if not bench.relay:
             log(NA_RELAY)
         for name in args.scenario:
-            log(f"scenario {name} (load average {loadavg()})")
+            log(f"scenario {name} (load average {loadavg()}, host probe {host_probe_ms()} ms)")
             try:
                 RUNNERS[name](bench)
             except Exception as exc:  # noqa: BLE001 - report, go on with the others
@@ -835,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(bench.workdir, ignore_errors=True)
     info["loadavg_end"] = loadavg()
+    info["host_probe_ms_end"] = host_probe_ms()
     result = {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -850,8 +881,10 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'Smoke run' if args.smoke else 'Run'} {result['started']}, commit "
           f"{info['commit']}, {info['cpus']} × {info['cpu_model']}, load average "
-          f"{info['loadavg_start']} → {info['loadavg_end']}; workers {args.workers} (gevent, "
-          f"{args.worker_connections} connections each), {args.duration} s per measurement\n")
+          f"{info['loadavg_start']} → {info['loadavg_end']}, host probe "
+          f"{info['host_probe_ms_start']} → {info['host_probe_ms_end']} ms (lower is faster); "
+          f"workers {args.workers} (gevent, {args.worker_connections} connections each), "
+          f"{args.duration} s per measurement\n")
     print(markdown(bench.rows))
     print(f"\nJSON: {path}")
     if failed:
