@@ -497,7 +497,7 @@ def scenario_ingest(bench: Bench) -> None:
               [("≥3000 reports/s", row["reports_per_s"] >= 3000),
                ("p99 ≤50 ms", row["p99_ms"] <= 50),
                ("zero errors", row["errors"] == 0 and row["non_201"] == 0),
-               ("≥0.5× baseline", ratio >= 0.5),
+               (f"≥0.5× baseline ({ratio:.3f})", ratio >= 0.5),
                ("every 201 stored", row["stored"] >= row["created"])])
 
 
