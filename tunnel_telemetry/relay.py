@@ -125,7 +125,8 @@ class Sender(Protocol):
     concurrency: int
 
     def precheck(self, report: Mapping[str, Any]) -> Outcome | None:
-        """An outcome without sending (skip), or None to send."""
+        """A skip (decided from the report alone: stored with it, never sent there), or None
+        to send."""
 
     def send(self, reports: list[dict[str, Any]], budget: float,
              stop: Callable[[], bool]) -> dict[str, Outcome]:
@@ -342,13 +343,9 @@ class Relay:
     def skipped(self, report: Mapping[str, Any]) -> dict[str, str]:
         """The destinations that would not take ``report`` (e.g. OONI without the client's
         network), with the reason: ``store.add`` stores their rows as skipped."""
-        ps = self._state()
-        out = {}
-        for dest in self._dests:
-            outcome = ps.senders[dest].precheck(report)
-            if outcome is not None and outcome.state == SKIPPED:
-                out[dest] = outcome.describe()
-        return out
+        senders = self._state().senders
+        return {dest: skip.describe() for dest in self._dests
+                if (skip := senders[dest].precheck(report)) is not None}
 
     def after_store(self, report: dict[str, Any], created: bool) -> dict[str, Any]:
         """Try every destination now (up to relay-timeout); the fields to add to the answer.
@@ -609,9 +606,7 @@ class Relay:
         futures: dict[str, concurrent.futures.Future] = {}
         for dest in self._dests:
             skip = ps.senders[dest].precheck(report)
-            if skip is not None:
-                if skip.state != SKIPPED:  # a skip was stored with the report (add_options)
-                    self._record(ps, dest, uuid, 0, skip)
+            if skip is not None:  # stored skipped with the report (add_options)
                 results[dest] = skip
                 continue
             hold = self._held_until(ps, dest)

@@ -100,8 +100,7 @@ def post_report() -> tuple[Response, int]:
                                     **svc.relay.add_options(clean))
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
-    if created and not extra.keys() & stored.keys():
-        # The answer is the report as stored, encoded once, with the relay's fields after it.
+    if created:  # the report as stored, encoded once, and the relay's fields (none of its keys)
         if extra:
             text = text[:-1] + "," + dumps(extra)[1:]
         return Response(text + "\n", mimetype="application/json"), 201
