@@ -20,6 +20,7 @@ import resource
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKER_CLASS = "tunnel_telemetry.worker.CollectorWorker"
 SCENARIOS = ("ingest", "ingest-pg", "relay", "growth", "drain", "memory")
 NA_RELAY = "n/a (relay not available)"
+DISK_PROBE_COMMITS = 100
 
 
 # -- processes and /proc --------------------------------------------------------------------
@@ -116,6 +118,39 @@ def host_probe_ms() -> float | None:
         except ValueError:
             return None
     return min(times)
+
+
+def disk_probe_ms(parent: str | None) -> float | None:
+    """Median milliseconds of a durable SQLite commit (WAL, ``synchronous=FULL``: one fsync, as
+    in the store's group commit) in a scratch file under ``parent``; None if it fails.
+
+    The echo touches no disk and tt-server waits for a commit per batch of reports, so a slow
+    disk moves tt-server's figures and not the baseline's; the host probe cannot tell that.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix="tt-disk-probe-", dir=parent) as folder:
+            conn = sqlite3.connect(os.path.join(folder, "probe.db"), isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("CREATE TABLE t (body TEXT)")
+                times = []
+                for _ in range(DISK_PROBE_COMMITS):
+                    start = time.perf_counter()
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("INSERT INTO t VALUES (?)", ("x" * 600,))
+                    conn.execute("COMMIT")
+                    times.append(time.perf_counter() - start)
+            finally:
+                conn.close()
+    except (OSError, sqlite3.Error):
+        return None
+    return round(statistics.median(times) * 1000, 3)
+
+
+def probes(parent: str | None) -> str:
+    """The host and disk probes as the log and header lines show them."""
+    return f"host probe {host_probe_ms()} ms, disk probe {disk_probe_ms(parent)} ms"
 
 
 class Server(TTServer):
@@ -750,7 +785,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
+def machine(parent: str | None) -> dict[str, Any]:
     model = ""
     try:
         with open("/proc/cpuinfo") as fh:
@@ -772,7 +807,7 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
             "wrk": (wrk.stdout or wrk.stderr).split("\n", 1)[0].strip(),
             "packages": versions, "commit": commit, "loadavg_start": loadavg(),
-            "host_probe_ms_start": host_probe_ms()}
+            "host_probe_ms_start": host_probe_ms(), "disk_probe_ms_start": disk_probe_ms(parent)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -844,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
               "from there (no package in it?)", file=sys.stderr)
         shutil.rmtree(bench.workdir, ignore_errors=True)
         return 2
-    info = machine()
+    info = machine(args.workdir)
     failed = []
     try:
         bench.setup()
@@ -852,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         if not bench.relay:
             log(NA_RELAY)
         for name in args.scenario:
-            log(f"scenario {name} (load average {loadavg()}, host probe {host_probe_ms()} ms)")
+            log(f"scenario {name} (load average {loadavg()}, {probes(args.workdir)})")
             try:
                 RUNNERS[name](bench)
             except Exception as exc:  # noqa: BLE001 - report, go on with the others
@@ -866,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(bench.workdir, ignore_errors=True)
     info["loadavg_end"] = loadavg()
     info["host_probe_ms_end"] = host_probe_ms()
+    info["disk_probe_ms_end"] = disk_probe_ms(args.workdir)
     result = {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -882,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'Smoke run' if args.smoke else 'Run'} {result['started']}, commit "
           f"{info['commit']}, {info['cpus']} × {info['cpu_model']}, load average "
           f"{info['loadavg_start']} → {info['loadavg_end']}, host probe "
-          f"{info['host_probe_ms_start']} → {info['host_probe_ms_end']} ms (lower is faster); "
+          f"{info['host_probe_ms_start']} → {info['host_probe_ms_end']} ms, disk probe "
+          f"{info['disk_probe_ms_start']} → {info['disk_probe_ms_end']} ms (lower is faster); "
           f"workers {args.workers} (gevent, {args.worker_connections} connections each), "
           f"{args.duration} s per measurement\n")
     print(markdown(bench.rows))
