@@ -106,6 +106,23 @@ def test_fold_table_is_what_re_ignores_case_as():
         assert by_re == by_fold, letter
 
 
+def test_fold_of_every_cased_character_is_what_re_ignores_case_as():
+    """Non-ASCII host names too: characters re.IGNORECASE treats as equal fold alike, and
+    characters that fold alike are equal to re (ς / σ / Σ, µ / μ, ϐ / β, ᲀ / в, ...)."""
+    import re
+
+    from tunnel_telemetry.scrub import _fold
+
+    cased = [chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c < 0xE000
+             and (chr(c).lower() != chr(c) or chr(c).upper() != chr(c)
+                  or chr(c).casefold() != chr(c))]
+    for c in cased:
+        for other in {c.lower(), c.upper(), c.casefold(), c.title()} - {c}:
+            if len(other) == 1:
+                same_to_re = re.fullmatch(re.escape(c), other, re.IGNORECASE) is not None
+                assert same_to_re == (_fold(c) == _fold(other)), (hex(ord(c)), other)
+
+
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(alphabet=st.sampled_from("abkisKIS.-xé\u0130\u0131\u017f\u212a "), max_size=40),
        st.sampled_from(["ki", "s.k", "proxy-k.example", "is", "x"]))
@@ -136,6 +153,8 @@ def test_scrub_leaves_no_host_name_in_the_regex_cache():
     ("dial ПРОКСИ.example: refused", "прокси.example", f"dial {PLACEHOLDER}: refused"),
     ("ΣΟΦΙΑ-proxy ok", "σοφια-proxy", f"{PLACEHOLDER} ok"),
     ("ÀB ab àb", "àb", f"{PLACEHOLDER} ab {PLACEHOLDER}"),
+    ("dial ΠΡΟΞΣ.example: refused", "προξς.example", f"dial {PLACEHOLDER}: refused"),
+    ("µ-proxy and Μ-PROXY", "μ-proxy", f"{PLACEHOLDER} and {PLACEHOLDER}"),
 ])
 def test_hide_non_ascii_literals_without_a_regex(text, literal, expected):
     from tunnel_telemetry.scrub import _hide

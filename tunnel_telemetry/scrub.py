@@ -58,11 +58,18 @@ _FOLD = str.maketrans({**{chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") 
 
 
 def _fold(text: str) -> str:
-    """Lower case, one character for one (so a match in the folded text is a match at the
-    same place in the text)."""
+    """Each character's case fold where it is one character (else its lower case, else
+    itself): what ``re.IGNORECASE`` treats as equal (ς σ Σ, µ μ, ϐ β, ...) folds alike, and
+    a match in the folded text is a match at the same place in the text."""
     if text.isascii():
         return text.lower()
-    return "".join(low if len(low := c.lower()) == 1 else c for c in text.translate(_FOLD))
+    return "".join(_fold_char(c) for c in text.translate(_FOLD))
+
+
+def _fold_char(c: str) -> str:
+    if len(folded := c.casefold()) == 1:
+        return folded
+    return low if len(low := c.lower()) == 1 else c
 
 
 def _hide(text: str, literal: str) -> str:
