@@ -1,3 +1,3 @@
-from tunnel_telemetry import create_app
+from tunnel_telemetry.web import create_app
 
 app = create_app()

@@ -15,12 +15,12 @@ import uuid as uuidlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tunnel_telemetry.enrich import enrich
-from tunnel_telemetry.geo import open_geo
-from tunnel_telemetry.scrub import scrub
+from tunnel_telemetry.pipeline.enrich import enrich
+from tunnel_telemetry.pipeline.geo import open_geo
+from tunnel_telemetry.pipeline.scrub import scrub
+from tunnel_telemetry.pipeline.validate import format_time, validate
 from tunnel_telemetry.store import open_store, sqlite_path
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.validate import format_time, validate
 
 PROTOS = ("ss", "vless", "vmess", "trojan", "wireguard", "hysteria2", "obfs4", "https")
 FAILURES = (

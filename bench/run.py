@@ -43,7 +43,7 @@ from prefill import prefill  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # tt-server's gunicorn worker; the echo baseline runs under the same one.
-WORKER_CLASS = "tunnel_telemetry.worker.CollectorWorker"
+WORKER_CLASS = "tunnel_telemetry.server.worker.CollectorWorker"
 SCENARIOS = ("ingest", "ingest-pg", "relay", "growth", "drain", "memory")
 NA_RELAY = "n/a (relay not available)"
 DISK_PROBE_COMMITS = 100
@@ -492,7 +492,7 @@ def relay_available(env: dict[str, str]) -> bool:
         "import sys, tempfile, os\n"
         "import tunnel_telemetry.testing.fake_ooni\n"
         "from tunnel_telemetry.config import Config\n"
-        "from tunnel_telemetry.relay import build_relay, NullRelay\n"
+        "from tunnel_telemetry.relay.relay import build_relay, NullRelay\n"
         "from tunnel_telemetry.store import open_store\n"
         "d = tempfile.mkdtemp()\n"
         "store = open_store('sqlite:///' + os.path.join(d, 'r.db'))\n"

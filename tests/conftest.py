@@ -4,10 +4,10 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
-from tunnel_telemetry import create_app
 from tunnel_telemetry.testing import postgres
 from tunnel_telemetry.testing.reports import iso, make_report  # noqa: F401
 from tunnel_telemetry.testing.server import TTServer
+from tunnel_telemetry.web import create_app
 
 
 @pytest.fixture

@@ -18,8 +18,13 @@ from cryptography.x509.oid import NameOID
 from gunicorn.config import Config as GunicornConfig
 from gunicorn.sock import ssl_context as gunicorn_ssl_context
 
-from tunnel_telemetry import autotls
-from tunnel_telemetry.autotls import (
+from tunnel_telemetry.cli import main
+from tunnel_telemetry.config import Config, ConfigError, check_hostname, load_config
+from tunnel_telemetry.files import write_private
+from tunnel_telemetry.testing.pebble import Pebble, pebble_missing, write_listener_cert
+from tunnel_telemetry.testing.server import free_port, wait_for
+from tunnel_telemetry.tls import autotls
+from tunnel_telemetry.tls.autotls import (
     ACMESettings,
     AutoTLS,
     AutoTLSError,
@@ -31,11 +36,6 @@ from tunnel_telemetry.autotls import (
     ensure_private_dir,
     retry_delays,
 )
-from tunnel_telemetry.cli import main
-from tunnel_telemetry.config import Config, ConfigError, check_hostname, load_config
-from tunnel_telemetry.files import write_private
-from tunnel_telemetry.testing.pebble import Pebble, pebble_missing, write_listener_cert
-from tunnel_telemetry.testing.server import free_port, wait_for
 
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -228,7 +228,7 @@ def test_cache_rejects_unusable_certificates(tmp_path, caplog, make, directory, 
     key_pem, cert_pem = make()
     cache.cert_path.write_bytes(cert_pem + key_pem)
     cache.meta_path.write_text(json.dumps({"directory": DIRECTORY}))
-    with caplog.at_level("WARNING", "tunnel_telemetry.autotls"):
+    with caplog.at_level("WARNING", "tunnel_telemetry.tls.autotls"):
         assert cache.load(directory) is None
     assert why in caplog.text
 
@@ -322,7 +322,7 @@ def test_reloading_ssl_context_follows_replaced_files(tmp_path, caplog):
     ca2, cert2, key2 = write_listener_cert(other)
     second = x509.load_pem_x509_certificate(cert2.read_bytes()).serial_number
     write_private(key, key2.read_bytes())
-    with caplog.at_level("WARNING", "tunnel_telemetry.autotls"):
+    with caplog.at_level("WARNING", "tunnel_telemetry.tls.autotls"):
         assert gunicorn_ssl_context(conf) is context  # mismatch: keep serving the old one
     assert "serving the previous certificate" in caplog.text
     write_private(cert, cert2.read_bytes())
@@ -482,7 +482,7 @@ def test_renewer_backs_off_and_keeps_the_certificate(tmp_path, caplog):
     cert = due_cached_cert(tmp_path, acme.directory)
     before = cert.path.read_bytes()
     renewer = Renewer(AutoTLS("localhost", tmp_path, acme), check_interval=4)
-    caplog.set_level("INFO", "tunnel_telemetry.autotls")
+    caplog.set_level("INFO", "tunnel_telemetry.tls.autotls")
     renewer.start()
     try:
         assert wait_for(lambda: renewer.failures >= 3, timeout=30)

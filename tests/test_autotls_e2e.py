@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tunnel_telemetry.autotls import CertCache
 from tunnel_telemetry.files import write_private
 from tunnel_telemetry.testing.pebble import Pebble, pebble_missing, write_listener_cert
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import TTServer, free_port, wait_for
+from tunnel_telemetry.tls.autotls import CertCache
 
 pytestmark = pytest.mark.e2e
 needs_pebble = pytest.mark.skipif(

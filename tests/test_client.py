@@ -138,7 +138,7 @@ def test_naive_datetime_is_utc():
 
 
 def test_schema_is_the_collectors():
-    from tunnel_telemetry import schema
+    from tunnel_telemetry.protocol import schema
 
     repo_schema = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
     assert tc.load_schema() == json.loads(repo_schema.read_text())

@@ -82,14 +82,14 @@ def tt_report(*args, env=None, input=None, timeout=60):
     full_env.pop("TT_COLLECTORS", None)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "tunnel_telemetry.report_cli", *args],
+        [sys.executable, "-m", "tunnel_telemetry.client.cli", *args],
         env=full_env, input=input, capture_output=True, text=True, timeout=timeout,
     )
 
 
 def test_console_script_is_declared():
     names = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert names.get("tt-report") == "tunnel_telemetry.report_cli:main"
+    assert names.get("tt-report") == "tunnel_telemetry.client.cli:main"
 
 
 def test_delivery_201_and_receipt(collector, spool):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel_telemetry.geo import GeoError, open_geo
+from tunnel_telemetry.pipeline.geo import GeoError, open_geo
 from tunnel_telemetry.testing.geodb import (
     synthetic_networks,
     write_asn_db,
@@ -165,7 +165,7 @@ def test_odd_records(tmp_path, record, expected):
 
 
 def test_null_geo_warns_once(caplog):
-    caplog.set_level(logging.DEBUG, "tunnel_telemetry.geo")
+    caplog.set_level(logging.DEBUG, "tunnel_telemetry.pipeline.geo")
     geo = open_geo(None, None)
     assert [geo.lookup(ip) for ip in ("1.1.1.1", "2a01:4f8:1::1", None)] == [("AS0", "ZZ")] * 3
     assert geo.info() == []
@@ -307,7 +307,7 @@ def test_lookup_errors_answer_unknown_and_log_no_address(tmp_path, caplog):
     writer = MMDBWriter(ip_version=4, database_type="v4-only")
     writer.insert_network(IPSet(["1.1.1.0/24"]), {"country": {"iso_code": "AU"}})
     writer.to_db_file(str(tmp_path / "v4.mmdb"))
-    caplog.set_level(logging.DEBUG, "tunnel_telemetry.geo")
+    caplog.set_level(logging.DEBUG, "tunnel_telemetry.pipeline.geo")
     geo = open_geo(str(tmp_path / "v4.mmdb"), None)
     try:
         assert geo.lookup("1.1.1.1") == ("AS0", "AU")
@@ -389,7 +389,7 @@ def _edges_and_random():
 def test_global_check_agrees_with_the_standard_library():
     """geo's own table answers like ipaddress.is_global on the edges of every special block
     and on random addresses; the blocks Python versions disagree on are not global at all."""
-    from tunnel_telemetry.geo import is_global
+    from tunnel_telemetry.pipeline.geo import is_global
 
     for address in _edges_and_random():
         if any(address in block for block in WHOLE_BLOCKS):

@@ -16,9 +16,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel_telemetry import create_app
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import TTServer
+from tunnel_telemetry.web import create_app
 
 pytestmark = pytest.mark.e2e
 
@@ -586,7 +586,7 @@ def test_long_colon_url_does_not_stall_the_worker(servers):
 
 def test_nothing_invalid_was_stored(servers):
     """After everything above, every stored row is a valid, scrubbed report."""
-    from tunnel_telemetry.validate import parse_time
+    from tunnel_telemetry.pipeline.validate import parse_time
 
     for server in servers.values():
         db = server.workdir / "reports.db"

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tunnel_telemetry import delivery, ooni
+from tunnel_telemetry.relay import delivery, ooni
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 
 

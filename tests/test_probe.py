@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tunnel_telemetry.client import InvalidReport, validate_report
-from tunnel_telemetry.probe import posix_error_name, probe, uses_tls
+from tunnel_telemetry.client.probe import posix_error_name, probe, uses_tls
 from tunnel_telemetry.testing.listeners import (
     Listener,
     full_backlog,

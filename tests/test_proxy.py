@@ -1,6 +1,6 @@
 import pytest
 
-from tunnel_telemetry.proxy import ENVIRON_KEY, ProxyHeaders, parse_address
+from tunnel_telemetry.web.proxy import ENVIRON_KEY, ProxyHeaders, parse_address
 
 
 def resolve(hops, header, headers, peer="10.0.0.9"):
@@ -55,7 +55,7 @@ def test_an_ignored_proxy_header_is_pointed_out_once(caplog):
     """Behind a proxy with proxy-hops 0 every client is the proxy: one rate limit for all and
     the proxy's location. The operator is told once (without any address)."""
     middleware = ProxyHeaders(lambda environ, start_response: [], 0, "X-Forwarded-For")
-    with caplog.at_level("WARNING", logger="tunnel_telemetry.proxy"):
+    with caplog.at_level("WARNING", logger="tunnel_telemetry.web.proxy"):
         middleware({"REMOTE_ADDR": "10.0.0.9"}, lambda *a: None)
         assert not caplog.records
         for _ in range(3):

@@ -9,10 +9,9 @@ import uuid as uuidlib
 import pytest
 from werkzeug.serving import make_server
 
-from tunnel_telemetry import create_app
 from tunnel_telemetry.cli import main
-from tunnel_telemetry.delivery import Outcome
-from tunnel_telemetry.relay import (
+from tunnel_telemetry.relay.delivery import Outcome
+from tunnel_telemetry.relay.relay import (
     MAX_BATCH,
     CollectorSender,
     NullRelay,
@@ -24,6 +23,7 @@ from tunnel_telemetry.store import dumps
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import free_port, wait_until
+from tunnel_telemetry.web import create_app
 
 TOKEN = "relay-token-0123456789"
 FAST = {"relay-interval": "50ms", "relay-retry-min": "50ms", "relay-retry-max": "200ms"}

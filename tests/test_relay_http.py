@@ -13,8 +13,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tunnel_telemetry import delivery, ooni
-from tunnel_telemetry.delivery import BodyError, DeadlineReached, RelayHTTP, classify_exception
+from tunnel_telemetry.relay import delivery, ooni
+from tunnel_telemetry.relay.delivery import (
+    BodyError,
+    DeadlineReached,
+    RelayHTTP,
+    classify_exception,
+)
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.scripted import Reply, ScriptedCollector, closed_port_url
 

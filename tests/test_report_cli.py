@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from tunnel_telemetry.client import Spool
-from tunnel_telemetry.report_cli import main
+from tunnel_telemetry.client.cli import main
 from tunnel_telemetry.testing.listeners import Listener
 from tunnel_telemetry.testing.scripted import Reply, ScriptedCollector, closed_port_url
 

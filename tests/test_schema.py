@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel_telemetry import schema
+from tunnel_telemetry.protocol import schema
 from tunnel_telemetry.testing.reports import make_report
 
 pytest.importorskip("fastjsonschema")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tunnel_telemetry import schema
+from tunnel_telemetry.protocol import schema
 from tunnel_telemetry.testing.reports import make_report
 
 

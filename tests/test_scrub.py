@@ -2,7 +2,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel_telemetry.scrub import PLACEHOLDER, contains_ip, scrub, scrub_text, secret_key
+from tunnel_telemetry.pipeline.scrub import PLACEHOLDER, contains_ip, scrub, scrub_text, secret_key
 
 
 @pytest.mark.parametrize("key, dropped", [
@@ -88,7 +88,7 @@ def test_scrub_text_is_linear_on_hostile_text(text):
     import subprocess
     import sys
 
-    code = ("import sys; from tunnel_telemetry.scrub import scrub_text; "
+    code = ("import sys; from tunnel_telemetry.pipeline.scrub import scrub_text; "
             "scrub_text(sys.stdin.read())")
     subprocess.run([sys.executable, "-c", code], input=text, text=True, check=True, timeout=20)
 
@@ -97,7 +97,7 @@ def test_fold_table_is_what_re_ignores_case_as():
     """_hide's fold must find exactly what re.IGNORECASE would, for every character."""
     import re
 
-    from tunnel_telemetry.scrub import _FOLD
+    from tunnel_telemetry.pipeline.scrub import _FOLD
 
     chars = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
     for letter in "abcdefghijklmnopqrstuvwxyz0123456789.-_":
@@ -111,7 +111,7 @@ def test_fold_of_every_cased_character_is_what_re_ignores_case_as():
     characters that fold alike are equal to re (ς / σ / Σ, µ / μ, ϐ / β, ᲀ / в, ...)."""
     import re
 
-    from tunnel_telemetry.scrub import _fold
+    from tunnel_telemetry.pipeline.scrub import _fold
 
     cased = [chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c < 0xE000
              and (chr(c).lower() != chr(c) or chr(c).upper() != chr(c)
@@ -129,7 +129,7 @@ def test_fold_of_every_cased_character_is_what_re_ignores_case_as():
 def test_hide_matches_the_regex(text, literal):
     import re
 
-    from tunnel_telemetry.scrub import _hide
+    from tunnel_telemetry.pipeline.scrub import _hide
 
     expected = re.sub(re.escape(literal), PLACEHOLDER, text, flags=re.IGNORECASE)
     assert _hide(text, literal) == expected
@@ -157,6 +157,6 @@ def test_scrub_leaves_no_host_name_in_the_regex_cache():
     ("µ-proxy and Μ-PROXY", "μ-proxy", f"{PLACEHOLDER} and {PLACEHOLDER}"),
 ])
 def test_hide_non_ascii_literals_without_a_regex(text, literal, expected):
-    from tunnel_telemetry.scrub import _hide
+    from tunnel_telemetry.pipeline.scrub import _hide
 
     assert _hide(text, literal) == expected

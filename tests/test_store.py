@@ -410,7 +410,7 @@ def test_locked_database_is_503_and_writes_nothing(db_url):
     try:
         with pytest.raises(StoreUnavailable) as info:
             store.add(report(), ["ooni"])
-        assert info.value.status == 503 and "Retry-After" in info.value.headers
+        assert info.value.retry_after
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
@@ -436,7 +436,7 @@ def test_heroku_postgres_scheme(db_url):
 
 @POSTGRES_ONLY
 def test_schema_is_versioned_and_jsonb(db_url, store):
-    from tunnel_telemetry.store_pg import MIGRATIONS
+    from tunnel_telemetry.store.postgres import MIGRATIONS
 
     with admin(db_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
@@ -450,7 +450,7 @@ def test_schema_is_versioned_and_jsonb(db_url, store):
 
 @POSTGRES_ONLY
 def test_locked_table_is_503_and_writes_nothing(db_url):
-    from tunnel_telemetry.store_pg import PostgresStore
+    from tunnel_telemetry.store.postgres import PostgresStore
 
     store = PostgresStore(db_url, busy_timeout=0.2)
     with admin(db_url) as blocker:
@@ -458,7 +458,7 @@ def test_locked_table_is_503_and_writes_nothing(db_url):
             blocker.execute("LOCK TABLE reports IN ACCESS EXCLUSIVE MODE")
             with pytest.raises(StoreUnavailable) as info:
                 store.add(report(), ["ooni"])
-            assert info.value.status == 503 and "Retry-After" in info.value.headers
+            assert info.value.retry_after
     assert store.count() == 0
     assert store.add(report(), ["ooni"])[1]  # the pool recovered its connection
     store.close()
@@ -482,7 +482,7 @@ def test_connection_killed_by_the_server_is_replaced(store, db_url):
 def test_nul_character_is_a_client_error(store):
     with pytest.raises(ReportError) as info:
         store.add(report(config={"prefix": "a\u0000b"}), ["ooni"])
-    assert info.value.status == 400 and info.value.code == "nul_character"
+    assert isinstance(info.value, ReportError) and info.value.code == "nul_character"
     assert store.count() == 0
 
 
@@ -496,7 +496,7 @@ def test_write_path_errors_are_503(store, db_url):
 
 
 def _opener(url, migrations, barrier, queue):
-    from tunnel_telemetry.store_pg import PostgresStore
+    from tunnel_telemetry.store.postgres import PostgresStore
 
     barrier.wait(10)
     try:
@@ -512,7 +512,7 @@ def _opener(url, migrations, barrier, queue):
 @pytest.mark.parametrize("rounds", [1, 2])
 def test_migration_under_concurrent_start_up(db_url, rounds):
     """4 processes open the store at once, twice: every one succeeds, each step applies once."""
-    from tunnel_telemetry.store_pg import MIGRATIONS, Migration
+    from tunnel_telemetry.store.postgres import MIGRATIONS, Migration
 
     slow = Migration(len(MIGRATIONS) + 1, "slow test step",
                      "SELECT pg_sleep(0.3); CREATE TABLE extra (n integer);")
@@ -528,7 +528,7 @@ def test_migration_under_concurrent_start_up(db_url, rounds):
 
 @POSTGRES_ONLY
 def test_migrates_forward_and_refuses_a_newer_schema(db_url, store):
-    from tunnel_telemetry.store_pg import MIGRATIONS, Migration, PostgresStore
+    from tunnel_telemetry.store.postgres import MIGRATIONS, Migration, PostgresStore
 
     uid = store.add(report(), ["ooni"])[0]["uuid"]
     step = Migration(len(MIGRATIONS) + 1, "add a column",

@@ -18,14 +18,14 @@ import psycopg
 import pytest
 import requests
 
-from tunnel_telemetry import create_app
 from tunnel_telemetry.cli import main
 from tunnel_telemetry.errors import StoreUnavailable
 from tunnel_telemetry.store import StoreError, open_store
-from tunnel_telemetry.store_pg import PostgresStore, redact_url
+from tunnel_telemetry.store.postgres import PostgresStore, redact_url
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.postgres import PostgresCluster, find_bindir
 from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.web import create_app
 
 SECRET = "s3cret-Pa55word"
 
@@ -299,7 +299,7 @@ def test_backlog_and_relay_once_on_postgres(tt_server, pg_url):
 
 COOPERATIVE_SCRIPT = r"""
 import json, sys, time
-from tunnel_telemetry.store_pg import PostgresStore   # imported before the patch, as in the master
+from tunnel_telemetry.store.postgres import PostgresStore  # imported before the patch
 store = PostgresStore(sys.argv[1], pool_min=4, pool_max=4)
 from gevent import monkey
 monkey.patch_all()

@@ -4,14 +4,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tunnel_telemetry.errors import ReportError
-from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.validate import (
+from tunnel_telemetry.pipeline.validate import (
     format_time,
     parse_endpoint,
     parse_json,
     parse_time,
     validate,
 )
+from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.web.errors import status_of
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 WEEK = 7 * 86400.0
@@ -92,7 +93,7 @@ def test_parse_json_rejects(body, code):
     with pytest.raises(ReportError) as info:
         parse_json(body)
     assert info.value.code == code
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
 
 
 @pytest.mark.parametrize("body, message", [

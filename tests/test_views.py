@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tunnel_telemetry.schema import load_schema
+from tunnel_telemetry.protocol.schema import load_schema
 from tunnel_telemetry.testing.reports import make_report
 
 STORED_FIELDS = ["report-type", "uuid", "time", "t_received", "collector_id", "proto",
@@ -54,7 +54,7 @@ def test_duplicate_uuid_is_idempotent(client, app, new_uuid):
 @pytest.mark.parametrize("app_config_extra, present", [({}, False),
                                                       ({"allow-public-endpoint": True}, True)])
 def test_public_endpoint_option(app_config, app_config_extra, present):
-    from tunnel_telemetry import create_app
+    from tunnel_telemetry.web import create_app
 
     app = create_app({**app_config, **app_config_extra})
     body = post(app.test_client(), make_report(endpoint="obfs4://[2001:db8::1]:9001")).get_json()
@@ -122,7 +122,7 @@ def test_healthz(client):
 
 
 def test_healthz_is_503_when_the_database_disk_is_nearly_full(tmp_path):
-    from tunnel_telemetry import create_app
+    from tunnel_telemetry.web import create_app
 
     app = create_app({"database-url": f"sqlite:///{tmp_path}/r.db?min_free_mb=1e12"})
     resp = app.test_client().get("/healthz")
@@ -161,7 +161,7 @@ def test_store_failure_is_503_and_json(client, app, monkeypatch):
 
 
 def test_healthz_does_not_publish_relay_urls(app_config):
-    from tunnel_telemetry import create_app
+    from tunnel_telemetry.web import create_app
 
     url = "http://127.0.0.1:9/private-secondary"
     app = create_app({**app_config, "relay-url": (url,), "relay-token": "t" * 32,

@@ -9,8 +9,8 @@ import time
 import pytest
 import requests
 
+from tunnel_telemetry.server.worker import error_response, http_error
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.worker import error_response, http_error
 
 pytestmark = pytest.mark.e2e
 
@@ -202,7 +202,7 @@ def test_balance_leaves_connections_to_a_less_loaded_live_worker():
     import os
     import struct
 
-    from tunnel_telemetry.worker import BALANCE_FLOOR, Balance
+    from tunnel_telemetry.server.worker import BALANCE_FLOOR, Balance
 
     row = struct.Struct("<qqd")
     mine, other = Balance(), 5

@@ -56,9 +56,9 @@ def config_from_flags(config_path: str | None, flags: dict[str, Any]) -> Any:
 
 def build_app(config: Any) -> Any:
     """create_app, turning start-up errors (store, geo) into exit 2."""
-    from . import create_app
-    from .geo import GeoError
+    from .pipeline.geo import GeoError
     from .store import StoreError
+    from .web import create_app
 
     try:
         return create_app(config)
@@ -84,8 +84,8 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     from .server import prepare_tls, serve
 
     if config.autotls or config.certfile:
-        from .autotls import AutoTLSError, TLSConfigError
         from .logs import setup_logging
+        from .tls.autotls import AutoTLSError, TLSConfigError
 
         setup_logging(config.debug)
         try:  # before the app: a bad certificate pair is a config error (exit 2, one line)
@@ -108,8 +108,8 @@ def renew(config: Any, force: bool) -> None:
     Uses the same options as the server (cache dir, ACME directory, HTTP-01 port); safe to
     run while tt-server runs: issuance is serialised through a lock in autotls-cache-dir.
     """
-    from .autotls import AutoTLS, AutoTLSError
     from .logs import setup_logging
+    from .tls.autotls import AutoTLS, AutoTLSError
 
     if not config.autotls:
         fail("renew: autotls is off (use --autotls --hostname NAME)")

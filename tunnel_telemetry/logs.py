@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .scrub import scrub_text
+from .pipeline.scrub import scrub_text
 
 _HANDLER_NAME = "tunnel_telemetry"
 REDACTED_ATTR = "tt_redacted"  # set (via ``extra``) on a record whose text was built redacted

@@ -12,8 +12,8 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
-from .logs import REDACTED_ATTR, RedactingFilter
-from .scrub import scrub_text
+from ..logs import REDACTED_ATTR, RedactingFilter
+from ..pipeline.scrub import scrub_text
 
 # No %(h)s (remote address), no headers, no query string: nothing that identifies a client.
 ACCESS_LOG_FORMAT = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
@@ -164,7 +164,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "bind": [config.listen],
         "workers": config.workers or os.cpu_count() or 1,
         # gevent with deadlines and JSON error pages (see worker.py).
-        "worker_class": "tunnel_telemetry.worker.CollectorWorker",
+        "worker_class": "tunnel_telemetry.server.worker.CollectorWorker",
         "worker_connections": config.worker_connections,
         "preload_app": True,
         "accesslog": "-" if config.access_log else None,
@@ -183,7 +183,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "control_socket_disable": True,
     }
     if config.autotls or config.certfile:
-        from .autotls import gunicorn_tls_options  # ACME/crypto imports only when needed
+        from ..tls.autotls import gunicorn_tls_options  # ACME/crypto imports only when needed
 
         options.update(gunicorn_tls_options(config))
     return options
@@ -210,11 +210,11 @@ def prepare_tls(config: Any) -> None:
     certfile/keyfile load. Raises AutoTLSError / TLSConfigError with a one-line message.
     """
     if config.autotls:
-        from .autotls import AutoTLS
+        from ..tls.autotls import AutoTLS
 
         AutoTLS.from_config(config).ensure()
     elif config.certfile:
-        from .autotls import check_cert_pair
+        from ..tls.autotls import check_cert_pair
 
         check_cert_pair(config.certfile, config.keyfile)
 
@@ -222,7 +222,7 @@ def prepare_tls(config: Any) -> None:
 def serve(config: Any, app: Any | None = None, tls_prepared: bool = False) -> None:
     """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
     if app is None:
-        from . import create_app
+        from ..web import create_app
 
         app = create_app(config)
     if not tls_prepared:

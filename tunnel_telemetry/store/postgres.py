@@ -28,9 +28,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import green
-from .errors import ReportError, StoreUnavailable
-from .store import STATES, Claim, StoreError, dumps, relay_row
+from .. import green
+from ..errors import ReportError, StoreUnavailable
+from .base import STATES, Claim, StoreError, dumps, relay_row
 
 log = logging.getLogger(__name__)
 

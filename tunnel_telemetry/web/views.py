@@ -9,16 +9,16 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
-from .enrich import enrich
-from .errors import ReportError
+from .. import __version__
+from ..errors import ReportError
+from ..pipeline.enrich import enrich
+from ..pipeline.scrub import scrub
+from ..pipeline.validate import parse_json, validate
+from ..protocol.schema import load_schema
+from ..relay.relay import MAX_BATCH, check_token, receive_batch
+from ..store import dumps
 from .limits import body_read
 from .proxy import ENVIRON_KEY
-from .relay import MAX_BATCH, check_token, receive_batch
-from .schema import load_schema
-from .scrub import scrub
-from .store import dumps
-from .validate import parse_json, validate
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,13 @@ def read_json_body(limit: int) -> Any:
     environ = req.environ
     if environ.get("CONTENT_TYPE") not in _PLAIN_JSON:
         if req.mimetype != "application/json":
-            raise ReportError("content_type", "Content-Type must be application/json",
-                              status=415)
+            raise ReportError("content_type", "Content-Type must be application/json")
         params = req.mimetype_params
         if params and params.get("charset", "utf-8").lower() not in ("utf-8", "utf8"):
-            raise ReportError("content_type", "only the utf-8 charset is accepted", status=415)
+            raise ReportError("content_type", "only the utf-8 charset is accepted")
     length = req.content_length
     if length is not None and length > limit:
-        raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
+        raise ReportError("too_large", f"the report is larger than {limit} bytes")
     # One read() may return less than asked (chunked bodies arrive in pieces): loop, and stop
     # at limit + 1 bytes so an oversized or endless body is never read to its end.
     chunks: list[bytes] = []
@@ -79,7 +78,7 @@ def read_json_body(limit: int) -> Any:
     finally:
         body_read(environ)
     if size > limit:
-        raise ReportError("too_large", f"the report is larger than {limit} bytes", status=413)
+        raise ReportError("too_large", f"the report is larger than {limit} bytes")
     if length is not None and size != length:
         raise ReportError("bad_body", "the body is shorter than its Content-Length")
     return parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))

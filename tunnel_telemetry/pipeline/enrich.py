@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from .validate import Endpoint, format_time
+from ..protocol.fields import Endpoint, format_time
 
 
 class GeoLookup(Protocol):

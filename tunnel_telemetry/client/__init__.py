@@ -40,12 +40,12 @@ from urllib.parse import urlsplit
 import jsonschema
 import requests
 
-from . import __version__
-from . import schema as _schema
-from .files import write_private
-from .validate import Endpoint
-from .validate import parse_endpoint as _collector_parse_endpoint
-from .validate import parse_time as _collector_parse_time
+from .. import __version__
+from ..files import write_private
+from ..protocol import schema as _schema
+from ..protocol.fields import Endpoint
+from ..protocol.fields import parse_endpoint as _collector_parse_endpoint
+from ..protocol.fields import parse_time as _collector_parse_time
 
 log = logging.getLogger(__name__)
 

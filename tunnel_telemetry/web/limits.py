@@ -25,7 +25,6 @@ import fcntl
 import hmac
 import ipaddress
 import logging
-import math
 import mmap
 import multiprocessing
 import os
@@ -38,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ReportError
+from ..errors import Busy
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,6 @@ _BUCKETS_AT = _SLOTS_AT + _SLOTS.size
 def _slot_at(index: int) -> int:
     """Offset of the index-th process's in-flight counter in the table."""
     return _SLOTS_AT + index * _SLOT.size
-
-
-class Busy(ReportError):
-    """Too many requests: 429 for one client, 503 for the whole collector; retry later."""
-
-    def __init__(self, code: str, msg: str, status: int, retry_after: float) -> None:
-        super().__init__(code, msg, status=status,
-                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 class SharedMemory:
@@ -355,7 +346,7 @@ class Limits:
         if per_client and self.client_inflight is not None:
             if not self.client_inflight.enter(ticket.client):
                 raise Busy("client_busy", "too many requests in progress from this address",
-                           429, 1)
+                           retry_after=1)
             ticket.client_slot = True
         rate = self.rate if per_client else None
         if rate is None and self.inflight is None:
@@ -369,10 +360,10 @@ class Limits:
         if wait > 0:
             self.release(ticket)
             raise Busy("rate_limited", "too many reports from this address, retry later",
-                       429, wait)
+                       retry_after=wait)
         if not admitted:
             self.release(ticket)
-            raise Busy("busy", "the collector is busy, retry later", 503, 2)
+            raise Busy("busy", "the collector is busy, retry later", retry_after=2)
         return ticket
 
     def release_client(self, ticket: Ticket) -> None:

@@ -37,7 +37,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import __version__, green
+from .. import __version__, green
+from ..errors import ReportError
+from ..pipeline.scrub import scrub
+from ..protocol.fields import parse_time
+from ..protocol.schema import schema_errors
 from .delivery import (
     DELIVERED,
     EXPIRED,
@@ -55,11 +59,7 @@ from .delivery import (
     response_detail,
     response_json,
 )
-from .errors import ReportError
 from .ooni import OONIClient, explorer_link, probe_location
-from .schema import schema_errors
-from .scrub import scrub
-from .validate import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -850,8 +850,7 @@ def check_token(header: str | None, accepted: tuple[str, ...]) -> None:
     for token in accepted:  # compare with every token: the time does not tell which matched
         ok |= hmac.compare_digest(given.encode(), token.encode())
     if not (accepted and given and ok):
-        raise ReportError("unauthorized", "a valid relay token is required", status=401,
-                          headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+        raise ReportError("unauthorized", "a valid relay token is required")
 
 
 def check_relayed(item: Any) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .client import Endpoint, build_report, failure, parse_endpoint
+from . import Endpoint, build_report, failure, parse_endpoint
 
 log = logging.getLogger(__name__)
 

@@ -30,83 +30,21 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from . import green
-from .errors import StoreUnavailable
+from .. import green
+from ..errors import StoreUnavailable
+from .base import STATES, Claim, StoreError, dumps, relay_row
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "delivered", "failed", "expired", "skipped")
 DEFAULT_MIN_FREE_MB = 64.0  # free disk below which /healthz says the SQLite store is not ok
 _FORK_LOCK = green.native_lock()
 # Writers queue on an flock of this file (beside the database) before taking SQLite's write
 # lock: the kernel wakes the next one at once, where SQLite's busy handler sleeps and polls
 # (1, 2, 5, 10 ... 100 ms), which left the lock idle and made p99 latency hundreds of ms.
 WRITER_LOCK_SUFFIX = "-writer.lock"
-
-
-class StoreError(Exception):
-    """A store that cannot be opened; the message is one line."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A pending relay leased to one owner."""
-
-    uuid: str
-    report: dict[str, Any]
-    attempts: int
-    created: float
-
-
-class Store(Protocol):
-    """What the collector needs from a backend (SQLite now, PostgreSQL later)."""
-
-    backend: str
-
-    def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None,
-            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]: ...
-
-    def get(self, uuid: str) -> dict[str, Any] | None: ...
-
-    def update_report(self, uuid: str, fields: dict[str, Any]) -> dict[str, Any] | None: ...
-
-    def claim(self, destination: str, limit: int, owner: str, lease_seconds: float,
-              now: float | None = None, due_only: bool = True) -> list[Claim]: ...
-
-    def finish(self, uuid: str, destination: str, owner: str, state: str, *,
-               result: dict[str, Any] | None = None, error: str | None = None,
-               next_attempt: float | None = None,
-               report_fields: dict[str, Any] | None = None) -> bool: ...
-
-    def release(self, uuids: list[str], destination: str, owner: str,
-                next_attempt: float | None = None) -> int: ...
-
-    def make_due(self, destination: str, now: float | None = None) -> int: ...
-
-    def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),
-                now: float | None = None) -> int: ...
-
-    def relay_state(self, uuid: str) -> dict[str, dict[str, Any]]: ...
-
-    def backlog(self, now: float | None = None) -> dict[str, dict[str, Any]]: ...
-
-    def count(self) -> int: ...
-
-    def ping(self) -> bool: ...
-
-    def disk(self) -> str | None: ...
-
-    def close(self) -> None: ...
-
-
-def dumps(value: Any) -> str:
-    """A report as the store keeps it: compact JSON text, UTF-8 characters as they are."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
@@ -138,16 +76,6 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
         conn.executemany("INSERT INTO relays (uuid, destination, state, last_error, created, "
                          "next_attempt, lease_owner, lease_until) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", relays)
-
-
-def relay_row(uuid: str, dest: str, now: float, lease_owner: str | None,
-              lease_seconds: float, skipped: Mapping[str, str] | None) -> tuple:
-    """A new relay row's values (``relays`` column order of ``add``'s insert): pending, and
-    leased when there is an owner; or already skipped, with the reason and no lease."""
-    if skipped and dest in skipped:
-        return (uuid, dest, "skipped", skipped[dest], now, now, None, None)
-    lease_until = now + lease_seconds if lease_owner else None
-    return (uuid, dest, "pending", None, now, now, lease_owner, lease_until)
 
 
 def _run_writes(conn: sqlite3.Connection, writes: list[_Write]) -> None:
@@ -693,22 +621,3 @@ def sqlite_options(url: str) -> dict[str, float]:
                 raise StoreError("database-url: min_free_mb must be megabytes, 0 or more")
             options["min_free_mb"] = value
     return options
-
-
-def open_store(url: str) -> Store:
-    """Open the backend named by the URL scheme; StoreError with one line when it cannot."""
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:
-        raise StoreError("database-url: not a valid URL") from None
-    if scheme == "sqlite":
-        return SQLiteStore(sqlite_path(url), **sqlite_options(url))
-    if scheme in ("postgres", "postgresql"):
-        try:
-            from .store_pg import PostgresStore  # noqa: PLC0415 - optional backend
-        except ImportError:
-            raise StoreError("database-url: PostgreSQL support is not installed: "
-                             "pip install 'tunnel-telemetry[postgres]'") from None
-        return PostgresStore(url)
-    raise StoreError(f"database-url: unsupported scheme {scheme or '(none)'!r}; "
-                     "use sqlite:/// or postgresql://")

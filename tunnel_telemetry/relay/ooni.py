@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from . import __version__
+from .. import __version__
 from .delivery import (
     HTTP_ERRORS,
     Deadline,

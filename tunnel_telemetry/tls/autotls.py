@@ -38,9 +38,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from . import __version__
-from .config import LETS_ENCRYPT, check_hostname, split_listen
-from .files import write_private
+from .. import __version__
+from ..config import LETS_ENCRYPT, check_hostname, split_listen
+from ..files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ def check_and_renew(tls: AutoTLS, check_interval: float) -> dict[str, Any]:
 
 
 CHILD_TIMEOUT = ORDER_TIMEOUT + 4 * NETWORK_TIMEOUT
-_CHILD = "import sys; from tunnel_telemetry.autotls import child_main; sys.exit(child_main())"
+_CHILD = "import sys; from tunnel_telemetry.tls.autotls import child_main; sys.exit(child_main())"
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -639,7 +639,7 @@ class Renewer:
 
 def child_main() -> int:
     """The renewal child process: one check for Renewer (argv: JSON parameters, result file)."""
-    from .logs import setup_logging
+    from ..logs import setup_logging
 
     params = json.loads(sys.argv[1])
     setup_logging(params.get("debug", False))

@@ -21,8 +21,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .client import (
+from .. import __version__
+from . import (
     Client,
     ClientError,
     InvalidReport,

@@ -21,7 +21,7 @@ MAX_COLLECTED = 100
 MAX_PATH = 128
 
 _HERE = Path(__file__).resolve().parent
-_CANDIDATES = (_HERE / "schemas", _HERE.parent / "schemas")
+_CANDIDATES = (_HERE.parent / "schemas", _HERE.parent.parent / "schemas")
 
 
 def schema_path(name: str = "report.schema.json") -> Path:

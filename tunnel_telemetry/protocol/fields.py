@@ -1,0 +1,110 @@
+"""Report fields both sides read the same way: the endpoint URL and RFC 3339 times."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+_ENDPOINT = re.compile(
+    r"(?P<proto>[a-z][a-z0-9+.-]{0,31})://"
+    r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<host>[^\[\]:/?#@\s]+))"
+    r":(?P<port>[0-9]{1,5})"
+)
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_DOTTED = re.compile(r"[0-9.]+")
+_TIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A parsed endpoint; ``address`` is an ip_address or a lower-case host name."""
+
+    proto: str
+    host: str
+    port: int
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+
+    @property
+    def text(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.proto}://{host}:{self.port}"
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 time to an aware UTC datetime (a leap second counts as :59.999999)."""
+    match = _TIME.fullmatch(text)
+    if not match:
+        raise ValueError("not an RFC 3339 time")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction = (match.group(7) or "0")[:6].ljust(6, "0")
+    micro = int(fraction)
+    if second == 60:
+        second, micro = 59, 999999
+    zone = match.group(8)
+    if zone in ("Z", "z"):
+        offset = timedelta(0)
+    else:
+        hours, minutes = int(zone[1:3]), int(zone[4:6])
+        if hours > 23 or minutes > 59:
+            raise ValueError("time zone offset out of range")
+        offset = timedelta(hours=hours, minutes=minutes) * (1 if zone[0] == "+" else -1)
+    try:
+        naive = datetime(year, month, day, hour, minute, second, micro)  # noqa: DTZ001
+        return (naive - offset).replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise ValueError("not a valid date and time") from None
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with Z, milliseconds only when present."""
+    m = moment.astimezone(UTC)
+    text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+    return f"{text}.{m.microsecond // 1000:03d}Z" if m.microsecond else text + "Z"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse protocol://address:port; raises ValueError with a short reason."""
+    match = _ENDPOINT.fullmatch(text)
+    if not match:
+        if "@" in text:
+            raise ValueError("must not contain user information")
+        if re.search(r"://[^/]*:[^/]*:", text) and "[" not in text:
+            raise ValueError("an IPv6 address must be in brackets")
+        if re.search(r"://[^/?#]+[/?#]", text):
+            raise ValueError("must not contain a path, query or fragment")
+        raise ValueError("must be protocol://address:port")
+    port = match.group("port")
+    if len(port) > 1 and port.startswith("0") or not 0 < int(port) < 65536:
+        raise ValueError("port must be 1-65535")
+    proto = match.group("proto")
+    if match.group("ipv6") is not None:
+        raw = match.group("ipv6")
+        if "%" in raw:
+            raise ValueError("IPv6 zone ids are not allowed")
+        try:
+            address = ipaddress.IPv6Address(raw)
+        except ValueError:
+            raise ValueError("not a valid IPv6 address in brackets") from None
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return Endpoint(proto, str(mapped), int(port), mapped)
+        return Endpoint(proto, str(address), int(port), address)
+    host = match.group("host")
+    if _DOTTED.fullmatch(host):
+        try:
+            v4 = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError("not a valid IPv4 address") from None
+        return Endpoint(proto, host, int(port), v4)  # accepted only in canonical form
+    host = host.lower().rstrip(".")
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("not a valid host name")
+    if labels[-1].isdigit():
+        raise ValueError("not a valid host name")
+    return Endpoint(proto, host, int(port), None)

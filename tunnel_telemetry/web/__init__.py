@@ -1,0 +1,107 @@
+"""The web face: the app factory, the per-process services and the HTTP answers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything built once per process at start-up and shared by requests."""
+
+    config: Any
+    geo: Any
+    store: Any
+    relay: Any
+    commit: str | None = None
+    started_pid: int | None = None
+    limits: Any = None
+
+    def start(self) -> None:
+        """Start background work in this process (after gunicorn's fork); idempotent."""
+        if self.started_pid != os.getpid():
+            self.started_pid = os.getpid()
+            self.relay.start()
+
+    def close(self) -> None:
+        self.relay.close()
+        self.store.close()
+        self.geo.close()
+        if self.limits is not None:
+            self.limits.close()
+
+
+def git_commit() -> str | None:
+    """The deployed commit: from the environment (Heroku and others) or the source checkout."""
+    for var in ("TT_GIT_COMMIT", "SOURCE_VERSION", "HEROKU_SLUG_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(var):
+            return os.environ[var][:40]
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isdir(os.path.join(here, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def create_app(config: Any = None) -> Any:
+    """Build the Flask app. ``config``: a Config, a mapping of option names, or None (env/file)."""
+    from flask import Flask
+
+    from ..config import Config, load_config
+    from ..logs import setup_logging
+    from ..pipeline.geo import open_geo
+    from ..protocol.schema import prepare as prepare_schema
+    from ..relay import build_relay
+    from ..store import open_store
+    from .errors import register as register_errors
+    from .limits import build_limits
+    from .limits import init_app as init_limits
+    from .proxy import ProxyHeaders
+    from .views import bp
+
+    if config is None:
+        config = load_config()
+    elif isinstance(config, Mapping):
+        config = Config.from_mapping(config)
+    setup_logging(config.debug)
+
+    store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
+    geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
+    prepare_schema()
+    relay = build_relay(config, store)
+    limits = build_limits(config)  # shared memory: made here, before gunicorn forks
+
+    class CollectorApp(Flask):
+        def ensure_sync(self, func: Any) -> Any:
+            """No view or hook here is async: skip Flask's coroutine check of each one on
+            every request."""
+            return func
+
+    app = CollectorApp(__name__)
+    # One byte of slack: the view reads limit + 1 bytes to tell "exactly the limit" from "over".
+    app.config["MAX_CONTENT_LENGTH"] = config.max_report_size + 1
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit(),
+                                                  limits=limits)
+    app.register_blueprint(bp)
+    init_limits(app, limits)
+
+    @app.before_request
+    def _start_background() -> None:
+        app.extensions["tunnel_telemetry"].start()
+
+    register_errors(app)
+    app.wsgi_app = ProxyHeaders(app.wsgi_app, config.proxy_hops, config.proxy_header)
+    return app
