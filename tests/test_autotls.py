@@ -141,7 +141,7 @@ def test_hostname_from_environment_ignored_without_autotls():
 
 @pytest.mark.parametrize("env", [{"AUTOTLS": "true", "HOSTNAME": ""}, {"AUTOTLS": "1"}])
 def test_cli_autotls_without_hostname_exits_2(runner, env):
-    result = runner.invoke(main, [], env={"HOSTNAME": "", **env, "CONFIG": ""})
+    result = runner.invoke(main, [], env={"HOSTNAME": "", **env, "TT_CONFIG": ""})
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line]
     assert lines == ["tt-server: error: autotls: --hostname is required with --autotls"]
@@ -150,7 +150,7 @@ def test_cli_autotls_without_hostname_exits_2(runner, env):
 def test_container_hostname_is_not_a_certificate_name(runner):
     # Docker exports HOSTNAME=<container id>; Let's Encrypt cannot certify a bare label.
     result = runner.invoke(main, [], env={"AUTOTLS": "true", "HOSTNAME": "3f2a9c1e7b4d",
-                                          "CONFIG": ""})
+                                          "TT_CONFIG": ""})
     assert result.exit_code == 2
     assert "hostname: '3f2a9c1e7b4d' is not a fully qualified" in result.output
 
@@ -162,7 +162,7 @@ def test_cli_bad_certfile_pair_exits_2(runner, tmp_path):
     (tmp_path / "k.pem").write_bytes(other_key)
     result = runner.invoke(main, ["--certfile", str(tmp_path / "c.pem"), "--keyfile",
                                   str(tmp_path / "k.pem"), "--database-url",
-                                  f"sqlite:///{tmp_path}/r.db"], env={"CONFIG": ""})
+                                  f"sqlite:///{tmp_path}/r.db"], env={"TT_CONFIG": ""})
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line]
     assert len(lines) == 1 and "certfile: cannot load" in lines[0]
@@ -179,7 +179,7 @@ def test_check_cert_pair(tmp_path):
 
 
 def test_cli_renew_needs_autotls(runner):
-    result = runner.invoke(main, ["renew"], env={"CONFIG": ""})
+    result = runner.invoke(main, ["renew"], env={"TT_CONFIG": ""})
     assert result.exit_code == 2 and "autotls is off" in result.output
 
 

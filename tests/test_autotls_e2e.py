@@ -234,7 +234,7 @@ def test_autotls_startup_fails_with_one_line_when_no_certificate(tmp_path):
            "--acme-directory", f"https://127.0.0.1:{closed}/dir",
            "--acme-http-port", str(free_port()), "--database-url", f"sqlite:///{tmp_path}/r.db"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "CONFIG": ""})
+                         env={**os.environ, "TT_CONFIG": ""})
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("tt-server: error: autotls: https://")

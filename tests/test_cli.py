@@ -9,7 +9,20 @@ def test_help_lists_every_option(runner):
     assert result.exit_code == 0
     for opt in OPTIONS:
         assert f"--{opt.name}" in result.output
-    assert "[env: AUTOTLS]" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "[env: TT_AUTOTLS, AUTOTLS]" in text
+
+
+@pytest.mark.parametrize("option, shown", [
+    ("relay-max-age", "[default: 7d]"), ("relay-timeout", "[default: 5s]"),
+    ("max-clock-skew", "[default: 5m]"), ("header-timeout", "[default: 10s]"),
+    ("access-log", "[default: true]"),
+])
+def test_help_shows_defaults_as_written_in_config(runner, option, shown):
+    result = runner.invoke(main, ["--help"])
+    text = " ".join(result.output.split())
+    after = text[text.index(f"--{option}"):]
+    assert shown in after[:after.index("[env:")]
 
 
 def test_version(runner):
@@ -25,7 +38,7 @@ def test_version(runner):
     (["--database-url", "redis://x"], {}, "database-url"),
 ])
 def test_bad_options_exit_2_with_one_line(runner, tmp_path, args, env, message):
-    result = runner.invoke(main, args, env={**env, "CONFIG": ""})
+    result = runner.invoke(main, args, env={**env, "TT_CONFIG": ""})
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("tt-server: error:") and message in lines[0]

@@ -1,6 +1,14 @@
 import pytest
 
-from tunnel_telemetry.config import OPTIONS, Config, ConfigError, describe, load_config
+from tunnel_telemetry.config import (
+    OPTIONS,
+    Config,
+    ConfigError,
+    describe,
+    format_duration,
+    load_config,
+    parse_duration,
+)
 
 
 def test_defaults():
@@ -35,7 +43,7 @@ def test_seed_readme_env_and_yaml(tmp_path):
 def test_config_env_var_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("collector-id: abc\n")
-    assert load_config(env={"CONFIG": str(path)}).collector_id == "abc"
+    assert load_config(env={"TT_CONFIG": str(path)}).collector_id == "abc"
 
 
 @pytest.mark.parametrize("env, listen", [
@@ -138,3 +146,31 @@ def test_relay_option_defaults():
     assert (c.relay_timeout, c.relay_attempt_timeout, c.relay_max_age) == (5, 30, 7 * 86400)
     assert (c.relay_retry_min, c.relay_retry_max, c.relay_interval, c.relay_batch) == (
         30, 6 * 3600, 10, 50)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"TT_COLLECTOR_ID": "prefixed"}, "prefixed"),
+    ({"COLLECTOR_ID": "bare"}, "bare"),
+    ({"TT_COLLECTOR_ID": "prefixed", "COLLECTOR_ID": "bare"}, "prefixed"),
+])
+def test_tt_prefixed_env_wins_over_bare(env, expected):
+    assert load_config(env=env).collector_id == expected
+
+
+def test_tt_hostname_wins_over_dockers_hostname():
+    env = {"AUTOTLS": "true", "HOSTNAME": "3f2a9c1b7d4e", "TT_HOSTNAME": "collector.example.org"}
+    assert load_config(env=env).hostname == "collector.example.org"
+
+
+def test_bare_config_variable_is_not_a_config_file():
+    # CONFIG is too common a name (other tools set it): only TT_CONFIG names the file.
+    assert load_config(env={"CONFIG": "nope.yaml"}).collector_id is None
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (604800.0, "7d"), (5.0, "5s"), (300.0, "5m"), (43200.0, "12h"), (0.25, "250ms"),
+    (0.0, "0s"), (90.0, "90s"), (1.5, "1500ms"),
+])
+def test_format_duration_round_trips(seconds, text):
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds

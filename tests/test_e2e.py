@@ -212,7 +212,7 @@ def test_bad_option_exits_2_before_serving(tmp_path):
                           str(tmp_path / "missing.mmdb"), "--database-url",
                           f"sqlite:///{tmp_path}/r.db"],
                          capture_output=True, text=True, timeout=30, env={**os.environ,
-                                                                           "CONFIG": ""})
+                                                                           "TT_CONFIG": ""})
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "geoip-asn-db" in out.stderr
 

@@ -644,7 +644,7 @@ def backlog(make_app, fake, db_url):
 def cli(runner, tmp_path, fake, *args):
     db = f"sqlite:///{tmp_path}/a.db"
     return runner.invoke(main, [*args[:1], "--database-url", db, "--ooni-relay",
-                                "--ooni-api", fake.url, *args[1:]], env={"CONFIG": ""})
+                                "--ooni-api", fake.url, *args[1:]], env={"TT_CONFIG": ""})
 
 
 def test_relay_once_delivers_the_backlog(backlog, runner, tmp_path, fake):
@@ -661,7 +661,7 @@ def test_relay_once_options_before_the_subcommand_and_json(backlog, runner, tmp_
     fake.fail("reset")
     db = f"sqlite:///{tmp_path}/a.db"
     result = runner.invoke(main, ["--database-url", db, "--ooni-relay", "--ooni-api", fake.url,
-                                  "relay", "--once", "--json"], env={"CONFIG": ""})
+                                  "relay", "--once", "--json"], env={"TT_CONFIG": ""})
     assert result.exit_code == 1, result.output
     out = json.loads(result.output)
     assert out["destinations"]["ooni"]["pending"] == 2
@@ -687,7 +687,7 @@ def test_relay_without_once_is_a_usage_error(runner, tmp_path, fake):
 
 def test_relay_once_with_relay_off(runner, tmp_path, backlog):
     db = f"sqlite:///{tmp_path}/a.db"
-    result = runner.invoke(main, ["relay", "--once", "--database-url", db], env={"CONFIG": ""})
+    result = runner.invoke(main, ["relay", "--once", "--database-url", db], env={"TT_CONFIG": ""})
     assert result.exit_code == 0
     assert "relay is off" in result.output
     assert "ooni: 2 pending, but this destination is no longer configured" in result.output

@@ -122,7 +122,7 @@ def test_relay_once_command_uses_the_servers_configuration_sources(tt_server, fa
     a.stop()
     fake.clear_faults()
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{a.workdir}/tt-data/reports.db",
-           "OONI_RELAY": "true", "OONI_API": fake.url, "CONFIG": ""}
+           "OONI_RELAY": "true", "OONI_API": fake.url, "TT_CONFIG": ""}
     result = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "relay", "--once"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunnel_telemetry.protocol import schema
+from tunnel_telemetry.protocol.schema import load_schema
 from tunnel_telemetry.testing.reports import make_report
 
 pytest.importorskip("fastjsonschema")
@@ -90,7 +91,19 @@ def test_a_final_newline_does_not_pass_a_pattern(client, field, value):
     response = client.post("/report", json=report)
     assert response.status_code == 400, response.get_json()
     errors = response.get_json()["errors"]
-    assert {"path": f"$.{field}", "message": "has the wrong format"} in errors
+    assert [e["message"] for e in errors if e["path"] == f"$.{field}"] == [
+        "must be " + load_schema()["properties"][field]["x-expected"]]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("time", "yesterday", "must be an RFC 3339 time such as 2026-12-07T01:05:15Z"),
+    ("client_asn", "3215", "must be AS and a number, such as AS3215"),
+    ("client_cc", "it", "must be two upper-case letters (ISO 3166-1 alpha-2), such as IT"),
+])
+def test_a_wrong_format_says_what_is_expected(client, field, value, expected):
+    response = client.post("/report", json={**make_report(), field: value})
+    assert response.status_code == 400
+    assert {"path": f"$.{field}", "message": expected} in response.get_json()["errors"]
 
 
 def test_published_schema_keeps_ecma_anchors(client):

@@ -284,7 +284,7 @@ def test_backlog_and_relay_once_on_postgres(tt_server, pg_url):
         server.stop()
         fake.clear_faults()
         env = {**os.environ, "DATABASE_URL": pg_url, "OONI_RELAY": "true",
-               "OONI_API": fake.url, "CONFIG": ""}
+               "OONI_API": fake.url, "TT_CONFIG": ""}
         result = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "relay", "--once"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr

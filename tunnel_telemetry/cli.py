@@ -17,7 +17,8 @@ EXIT_RUNTIME = 1
 
 def _flag(opt: Option) -> Callable:
     env = ", ".join(opt.envvars)
-    default = "" if opt.default in (None, ()) else f" [default: {opt.default}]"
+    shown = opt.shown_default
+    default = "" if shown is None else f" [default: {shown}]"
     help_text = f"{opt.help}{default} [env: {env}]"
     if opt.type == "bool":
         return click.option(f"--{opt.name}/--no-{opt.name}", opt.attr, default=None,
@@ -36,7 +37,7 @@ def server_options(func: Callable) -> Callable:
     return click.option("--config", "config_path", type=click.Path(dir_okay=False),
                         default=None,
                         help=f"YAML config file [default: {DEFAULT_CONFIG_FILE} when it "
-                             "exists] [env: CONFIG]")(func)
+                             "exists] [env: TT_CONFIG]")(func)
 
 
 def fail(message: str) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG_FILE = "/etc/tunneltelemetry/config.yaml"
+ENV_PREFIX = "TT_"
+CONFIG_ENV = "TT_CONFIG"  # the config file's path (no bare CONFIG: too common a name)
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 
@@ -54,6 +56,18 @@ def parse_duration(value: Any) -> float:
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Write seconds as the largest whole unit: 604800 -> 7d, 5 -> 5s, 0.25 -> 250ms."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds == 0:
+        return "0s"
+    millis = seconds * 1000
+    return f"{int(millis)}ms" if millis == int(millis) else f"{seconds:g}s"
 
 
 def parse_int(value: Any) -> int:
@@ -117,7 +131,21 @@ class Option:
 
     @property
     def envvars(self) -> tuple[str, ...]:
-        return (self.name.upper().replace("-", "_"), *self.env)
+        """Environment names, first wins: TT_NAME, then the bare NAME of the Go proof of
+        concept (AUTOTLS, HOSTNAME, ...), then any extra (DATABASE_URL)."""
+        bare = self.name.upper().replace("-", "_")
+        return (f"{ENV_PREFIX}{bare}", bare, *self.env)
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default as it is written in a config file (7d, 5s), for --help and docs."""
+        if self.default in (None, ()):
+            return None
+        if self.type == "duration":
+            return format_duration(self.default)
+        if self.type == "bool":
+            return "true" if self.default else "false"
+        return str(self.default)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -271,11 +299,11 @@ def load_config(
     """Build a validated Config from flags > environment > YAML file > defaults.
 
     ``flags`` maps option names (dashes or underscores) to values given explicitly. ``env``
-    defaults to ``os.environ``; ``path`` to $CONFIG or the default file when it exists.
+    defaults to ``os.environ``; ``path`` to $TT_CONFIG or the default file when it exists.
     """
     env = os.environ if env is None else env
     if path is None:
-        path = env.get("CONFIG") or env.get("TT_CONFIG")
+        path = env.get(CONFIG_ENV) or None
         if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
             path = DEFAULT_CONFIG_FILE
     raw: dict[str, Any] = {}

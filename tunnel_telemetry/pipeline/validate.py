@@ -13,6 +13,7 @@ import uuid as uuidlib
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..config import format_duration
 from ..errors import ReportError
 from ..protocol.fields import Endpoint, format_time, parse_endpoint, parse_time
 from ..protocol.schema import schema_errors
@@ -130,11 +131,12 @@ def validate(
     if started > now + timedelta(seconds=max_skew):
         raise ReportError("time_future", "time is too far in the future",
                           [{"path": "$.time", "message":
-                            f"more than {int(max_skew)} s ahead of the collector's clock"}])
+                            f"more than {format_duration(max_skew)} ahead of the collector's clock "
+                            "(max-clock-skew)"}])
     if started < now - timedelta(seconds=max_age):
         raise ReportError("time_old", "time is too old",
                           [{"path": "$.time", "message":
-                            f"older than {int(max_age)} s"}])
+                            f"older than {format_duration(max_age)} (max-report-age)"}])
     try:
         endpoint = parse_endpoint(payload["endpoint"])
     except ValueError as exc:

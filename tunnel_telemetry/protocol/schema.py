@@ -127,7 +127,8 @@ def _short_message(error: jsonschema.ValidationError) -> str:
         "required": lambda: "is required",
         "type": lambda: f"must be of type {value}",
         "const": lambda: f"must be {json.dumps(value)}",
-        "pattern": lambda: "has the wrong format",
+        "pattern": lambda: (f"must be {error.schema['x-expected']}" if "x-expected" in error.schema
+                            else "has the wrong format"),
         "maxLength": lambda: f"is longer than {value} characters",
         "minLength": lambda: "is empty" if value == 1 else f"is shorter than {value} characters",
         "maximum": lambda: f"must be at most {value}",

@@ -62,7 +62,7 @@ class TTServer:
         # per-client limits are off unless a test turns them on (a flag beats the environment).
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RATE_LIMIT": "0",
                     "MAX_IN_FLIGHT_PER_CLIENT": "0", **(env or {})}
-        self.env.pop("CONFIG", None)
+        self.env.pop("TT_CONFIG", None)
         self.proc: subprocess.Popen | None = None
         self.stdout_path = self.workdir / "stdout.log"
         self.stderr_path = self.workdir / "stderr.log"
