@@ -297,3 +297,21 @@ def test_probe_bad_endpoint_exit_2(runner):
     assert result.exit_code == 2
     assert "credentials" in result.stderr
     assert "secret" not in result.stdout
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_delivery_options_before_or_after_the_subcommand(runner, server, order):
+    """The README's `tt-report --collector URL send FILE` and `send --collector URL FILE`."""
+    options = ["--collector", server.url, *FAST]
+    args = ([*options, "send", "-"] if order == "before" else ["send", *options, "-"])
+    result = run(runner, *args, input=json.dumps(REPORT))
+    assert result.exit_code == 0, result.stderr
+    assert len(server.requests) == 1
+
+
+def test_after_the_subcommand_wins(runner, server):
+    with ScriptedCollector() as other:
+        result = run(runner, "--collector", other.url, "send", "--collector", server.url,
+                     *FAST, "-", input=json.dumps(REPORT))
+        assert result.exit_code == 0, result.stderr
+        assert len(server.requests) == 1 and not other.requests

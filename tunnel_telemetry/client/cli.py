@@ -272,6 +272,7 @@ def _command(func: Callable[..., int]) -> Callable[..., None]:
 
     @functools.wraps(func)
     def wrapper(**opts: Any) -> None:
+        opts = _with_group_options(opts)
         with _logging_to_stderr(opts.get("verbose", 0), opts.get("quiet", False)):
             try:
                 code = func(**opts)
@@ -283,11 +284,30 @@ def _command(func: Callable[..., int]) -> Callable[..., None]:
     return wrapper
 
 
+def _with_group_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Delivery options given before the subcommand (``tt-report --collector URL probe``)
+    count unless the subcommand's own flags set them too (after the subcommand wins)."""
+    ctx = click.get_current_context()
+    parent = ctx.parent
+    if parent is None:
+        return opts
+    merged = dict(opts)
+    for name, value in parent.params.items():
+        if name not in merged or parent.get_parameter_source(name) in (
+                None, click.core.ParameterSource.DEFAULT):
+            continue
+        if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
+            merged[name] = value
+    return merged
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tt-report")
-def main() -> None:
+@delivery_options
+def main(**opts: Any) -> None:
     """Probe circumvention endpoints and deliver connectivity reports to collectors.
 
+    Delivery options (--collector, --timeout, ...) go before or after the subcommand.
     Exit codes: 0 delivered, 1 rejected by a collector, 2 usage error or invalid
     report, 3 not delivered (spooled; `tt-report flush` resends).
     """
