@@ -196,5 +196,55 @@ def relay_command(ctx: click.Context, once: bool, retry_failed: bool, as_json: b
     sys.exit(1 if any(row["pending"] for row in result.values()) else 0)
 
 
+@main.command("aggregate")
+@server_options
+@click.option("--from", "start", metavar="TIME", help="First period: YYYY-MM-DD or RFC 3339 "
+              "(default: 30 days or 48 hours before --to).")
+@click.option("--to", "end", metavar="TIME",
+              help="End of the last period (default and latest: the current period's start).")
+@click.option("--period", type=click.Choice(["hour", "day"]), default="day", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "jsonl", "csv"]), default="jsonl",
+              show_default=True, help="json: GET /aggregates' document; jsonl: one line per "
+              "period; csv: one row per cell.")
+@click.pass_context
+def aggregate_command(ctx: click.Context, start: str | None, end: str | None, period: str,
+                      fmt: str, config_path: str | None, **flags: Any) -> None:
+    """Print the k-anonymous aggregates of the stored reports (docs/aggregates.md).
+
+    The same code and options (aggregate-k, database-url) as GET /aggregates: closed periods
+    only. Exit status 2 on a bad option or parameter.
+    """
+    import json
+    import time
+
+    from .aggregate import build, parse_query, to_csv, to_json_lines
+    from .errors import ReportError
+    from .store import StoreError, open_store
+
+    group_path, group_flags = ctx.meta.get("tt_server_flags", (None, {}))
+    merged = {**{k: v for k, v in group_flags.items() if v is not None and v != ()},
+              **{k: v for k, v in flags.items() if v is not None and v != ()}}
+    config = config_from_flags(config_path or group_path, merged)
+    try:
+        query = parse_query({"from": start, "to": end, "period": period}, time.time())
+    except ReportError as exc:
+        fail(f"aggregate: {exc.msg}")
+    try:
+        store = open_store(config.database_url)
+    except StoreError as exc:
+        fail(str(exc))
+    try:
+        document = build(store, query, config.aggregate_k)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(document))
+    elif fmt == "csv":
+        click.echo(to_csv(document), nl=False)
+    else:
+        for line in to_json_lines(document):
+            click.echo(line)
+
+
 if __name__ == "__main__":
     main()

@@ -239,6 +239,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("access-log", "bool", True,
            "Log one line per request (no addresses); costs ~8% CPU per report at high rates."),
     Option("debug", "bool", False, "Debug logging."),
+    Option("aggregate-k", "int", 10,
+           "Fewest reports a published aggregate cell may count; smaller cells are folded "
+           "into coarser ones or suppressed (docs/aggregates.md)."),
+    Option("dashboard-token", "str", None,
+           "Operator token for /dashboard (HTTP Basic password or Bearer token; none: the "
+           "dashboard is off).", secret=True),
 )
 
 OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -395,6 +401,11 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         if token is not None and not re.fullmatch(r"[\x21-\x7e]{16,512}", token):
             raise ConfigError("relay-token: tokens must be 16-512 printable characters, "
                               "no spaces")
+    if not 2 <= config.aggregate_k <= 1_000_000:
+        raise ConfigError("aggregate-k: must be between 2 and 1000000")
+    if config.dashboard_token is not None and not re.fullmatch(r"[\x21-\x7e]{16,512}",
+                                                               config.dashboard_token):
+        raise ConfigError("dashboard-token: must be 16-512 printable characters, no spaces")
     if not 0 < config.relay_attempt_timeout <= 600:
         raise ConfigError("relay-attempt-timeout: must be more than 0 and at most 10m")
     if config.relay_timeout > 600:

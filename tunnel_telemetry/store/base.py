@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 STATES = ("pending", "delivered", "failed", "expired", "skipped")
+# What Store.aggregate returns per row: the period's start (epoch seconds), the report fields
+# as stored (not yet checked: tunnel_telemetry.aggregate does), how many, and their weight.
+AGGREGATE_COLUMNS = ("period", "client_cc", "client_asn", "proto", "endpoint_asn",
+                     "endpoint_cc", "failed", "op", "posix_error", "count", "weighted")
 
 
 class StoreError(Exception):
@@ -59,6 +63,8 @@ class Store(Protocol):
     def backlog(self, now: float | None = None) -> dict[str, dict[str, Any]]: ...
 
     def count(self) -> int: ...
+
+    def aggregate(self, start: float, end: float, width: int) -> list[tuple]: ...
 
     def ping(self) -> bool: ...
 

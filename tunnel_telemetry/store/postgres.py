@@ -72,7 +72,24 @@ CREATE TABLE relays (
 );
 CREATE INDEX relays_pending ON relays (destination, created) WHERE state = 'pending';
 """),
+    Migration(2, "reports by time received (aggregates)", """
+CREATE INDEX reports_received ON reports (received);
+"""),
 )
+
+# AGGREGATE_COLUMNS (store/base.py); the weight is 1/sampling_rate when it is a usable rate.
+POSTGRES_AGGREGATE = """
+SELECT (floor(received / %(width)s) * %(width)s)::bigint AS period,
+  body->>'client_cc', body->>'client_asn', body->>'proto', body->>'endpoint_asn',
+  body->>'endpoint_cc', COALESCE(jsonb_typeof(body->'failure'), 'null') <> 'null',
+  body->'failure'->>'op', body->'failure'->>'posix_error',
+  COUNT(*),
+  SUM(CASE WHEN jsonb_typeof(body->'sampling_rate') = 'number' THEN  -- CASE: cast after the test
+      CASE WHEN (body->>'sampling_rate')::float8 > 0 AND (body->>'sampling_rate')::float8 <= 1
+      THEN 1.0 / (body->>'sampling_rate')::float8 ELSE 1.0 END ELSE 1.0 END)::float8
+FROM reports WHERE received >= %(start)s AND received < %(end)s
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+"""
 
 
 def check_migrations(migrations: tuple[Migration, ...]) -> None:
@@ -260,7 +277,7 @@ class PostgresStore:
             log.error("store error: %s (%s)", type(exc).__name__, code)
             raise StoreUnavailable("store_error") from None
 
-    def _read(self, query: str, params: tuple = ()) -> list[tuple]:
+    def _read(self, query: str, params: tuple | dict = ()) -> list[tuple]:
         with self._tx() as conn:
             return conn.execute(query, params).fetchall()
 
@@ -424,6 +441,11 @@ class PostgresStore:
 
     def count(self) -> int:
         return self._read("SELECT COUNT(*) FROM reports")[0][0]
+
+    def aggregate(self, start: float, end: float, width: int) -> list[tuple]:
+        """Reports received in [start, end) counted per cell (``AGGREGATE_COLUMNS``): periods
+        of ``width`` seconds from the epoch (UTC hours, days), grouped by PostgreSQL."""
+        return self._read(POSTGRES_AGGREGATE, {"width": width, "start": start, "end": end})
 
     def ping(self) -> bool:
         try:

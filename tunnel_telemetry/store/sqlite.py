@@ -110,6 +110,25 @@ CREATE TABLE IF NOT EXISTS relays (
 CREATE INDEX IF NOT EXISTS relays_due ON relays (destination, state, next_attempt);
 -- claim() walks pending relays oldest first and stops at its LIMIT (no sort of the backlog).
 CREATE INDEX IF NOT EXISTS relays_oldest ON relays (destination, state, created);
+-- aggregate() reads the reports of a time range (docs/aggregates.md).
+CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
+"""
+
+
+# AGGREGATE_COLUMNS (store/base.py); the weight is 1/sampling_rate when it is a usable rate.
+SQLITE_AGGREGATE = """
+SELECT CAST(received / ? AS INTEGER) * ? AS period,
+  json_extract(body, '$.client_cc'), json_extract(body, '$.client_asn'),
+  json_extract(body, '$.proto'), json_extract(body, '$.endpoint_asn'),
+  json_extract(body, '$.endpoint_cc'),
+  json_extract(body, '$.failure') IS NOT NULL, json_extract(body, '$.failure.op'),
+  json_extract(body, '$.failure.posix_error'),
+  COUNT(*),
+  SUM(CASE WHEN json_type(body, '$.sampling_rate') IN ('real', 'integer')
+      AND json_extract(body, '$.sampling_rate') > 0 AND json_extract(body, '$.sampling_rate') <= 1
+      THEN 1.0 / json_extract(body, '$.sampling_rate') ELSE 1.0 END)
+FROM reports WHERE received >= ? AND received < ?
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
 """
 
 
@@ -508,6 +527,11 @@ class SQLiteStore:
 
     def count(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+
+    def aggregate(self, start: float, end: float, width: int) -> list[tuple]:
+        """Reports received in [start, end) counted per cell (``AGGREGATE_COLUMNS``): periods
+        of ``width`` seconds from the epoch (UTC hours, days), grouped by SQLite."""
+        return self._conn.execute(SQLITE_AGGREGATE, (width, width, start, end)).fetchall()
 
     def ping(self) -> bool:
         """Whether the database at ``path`` answers and its disk has ``min_free_mb`` left; a

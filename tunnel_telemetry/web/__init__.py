@@ -64,6 +64,7 @@ def create_app(config: Any = None) -> Any:
     from ..protocol.schema import prepare as prepare_schema
     from ..relay import build_relay
     from ..store import open_store
+    from .dashboard import bp as aggregates_bp
     from .errors import register as register_errors
     from .limits import build_limits
     from .limits import init_app as init_limits
@@ -96,6 +97,7 @@ def create_app(config: Any = None) -> Any:
     app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit(),
                                                   limits=limits)
     app.register_blueprint(bp)
+    app.register_blueprint(aggregates_bp)
     init_limits(app, limits)
 
     @app.before_request

@@ -17,11 +17,13 @@ STATUS_BY_CODE = {
     "content_type": 415,
     "too_large": 413,
     "unauthorized": 401,
+    "dashboard_auth": 401,
     "rate_limited": 429,
     "client_busy": 429,
     "busy": 503,
 }
-EXTRA_HEADERS = {"unauthorized": {"WWW-Authenticate": 'Bearer realm="relay"'}}
+EXTRA_HEADERS = {"unauthorized": {"WWW-Authenticate": 'Bearer realm="relay"'},
+                 "dashboard_auth": {"WWW-Authenticate": 'Basic realm="dashboard"'}}
 
 
 def status_of(exc: CollectorError) -> int:

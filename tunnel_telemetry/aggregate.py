@@ -1,0 +1,223 @@
+"""Aggregates: stored reports counted per cell, with a k-anonymity floor and rounded counts.
+
+The store groups the reports of a time range by period and cell (SQL, ``Store.aggregate``);
+this module checks every value against a closed vocabulary, folds cells of fewer than ``k``
+reports into coarser ones (network -> country -> all -> suppressed) and rounds what it
+publishes. docs/aggregates.md is the specification; GET /aggregates, ``tt-server aggregate``
+and the dashboard all use ``build``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import ReportError
+from .protocol.fields import format_time, parse_time
+
+FORMAT = "tunnel-telemetry-aggregates/1"
+PERIODS = {"hour": 3600, "day": 86400}
+DEFAULT_SPAN = {"hour": 48, "day": 30}  # periods shown when ``from`` is not given
+MAX_PERIODS = 1000
+DEFAULT_K = 10
+ROUND_TO = 10
+LEVELS = ("network", "country", "all")
+CELL_FIELDS = ("level", "client_cc", "client_asn", "proto", "endpoint_asn", "endpoint_cc",
+               "outcome", "op", "posix_error", "count", "weighted")
+PERIOD_FIELDS = ("start", "end", "reports", "folded", "suppressed")
+
+# A value is published only when it is one of these shapes; anything else becomes the
+# unknown value of its field, so no free text, address or id can reach an aggregate.
+_CC = re.compile(r"[A-Z]{2}")
+_ASN = re.compile(r"AS(?:0|[1-9][0-9]{0,9})")
+_PROTO = re.compile(r"[a-z][a-z0-9+-]{0,15}")
+_OP = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_ERRNO = re.compile(r"E[A-Z0-9]{1,31}")
+# (client_cc, client_asn, proto, endpoint_asn, endpoint_cc, outcome, op, posix_error)
+Key = tuple[str | None, ...]
+
+
+def _pick(pattern: re.Pattern[str], value: Any, unknown: str) -> str:
+    return value if isinstance(value, str) and pattern.fullmatch(value) else unknown
+
+
+def clean_key(row: tuple) -> Key:
+    """A store row's cell, every field from its closed vocabulary (``AGGREGATE_COLUMNS``)."""
+    _, client_cc, client_asn, proto, endpoint_asn, endpoint_cc, failed, op, errno = row[:9]
+    failure = bool(failed)
+    return (
+        _pick(_CC, client_cc, "ZZ"), _pick(_ASN, client_asn, "AS0"),
+        _pick(_PROTO, proto, "other"), _pick(_ASN, endpoint_asn, "AS0"),
+        _pick(_CC, endpoint_cc, "ZZ"), "failure" if failure else "success",
+        _pick(_OP, op, "other") if failure else None,
+        (None if errno is None else _pick(_ERRNO, errno, "other")) if failure else None,
+    )
+
+
+def coarser(key: Key, level: str) -> Key:
+    """The cell at ``level``: networks dropped for "country", countries too for "all"."""
+    cc, asn, proto, easn, ecc, outcome, op, errno = key
+    if level == "country":
+        return (cc, None, proto, None, ecc, outcome, op, errno)
+    return (None, None, proto, None, None, outcome, op, errno)
+
+
+def round_count(value: float, floor: int = 0) -> int:
+    """To the nearest multiple of ROUND_TO (halves up), at least ``floor``."""
+    return max(floor, ROUND_TO * int((value + ROUND_TO / 2) // ROUND_TO))
+
+
+def fold(cells: Mapping[Key, list[float]], k: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Publishable cells of one period, how many reports were folded, how many suppressed.
+
+    A cell of at least ``k`` reports is published as it is; the others are added up in the
+    next coarser cell, which is published when it reaches ``k``; what is still under ``k``
+    at "all" is suppressed. Counts are exact here (``publish`` rounds them).
+    """
+    out: list[dict[str, Any]] = []
+    folded = 0
+    current: dict[Key, list[float]] = {key: list(v) for key, v in cells.items()}
+    for depth, level in enumerate(LEVELS):
+        under: dict[Key, list[float]] = {}
+        for key, (count, weighted) in current.items():
+            if count >= k:
+                out.append({"level": level, "key": key, "count": count, "weighted": weighted})
+                if depth:
+                    folded += int(count)
+            elif depth + 1 < len(LEVELS):
+                into = under.setdefault(coarser(key, LEVELS[depth + 1]), [0, 0.0])
+                into[0] += count
+                into[1] += weighted
+            else:
+                under[key] = [count, weighted]
+        current = under
+    suppressed = int(sum(count for count, _ in current.values()))
+    return out, folded, suppressed
+
+
+def _cell(item: dict[str, Any]) -> dict[str, Any]:
+    values = dict(zip(CELL_FIELDS[1:9], item["key"], strict=True))
+    return {"level": item["level"], **values, "count": round_count(item["count"], ROUND_TO),
+            "weighted": round_count(item["weighted"], ROUND_TO)}
+
+
+def _sort_key(cell: dict[str, Any]) -> tuple:
+    return (LEVELS.index(cell["level"]),
+            *("" if cell[f] is None else cell[f] for f in CELL_FIELDS[1:9]))
+
+
+@dataclass(frozen=True)
+class Query:
+    """Closed periods [start, end) of ``period``; both bounds on period boundaries."""
+
+    start: int
+    end: int
+    period: str
+
+    @property
+    def width(self) -> int:
+        return PERIODS[self.period]
+
+
+def _bad(name: str, message: str) -> ReportError:
+    return ReportError("bad_parameter", f"{name}: {message}",
+                       [{"path": name, "message": message}])
+
+
+def _moment(name: str, text: str) -> float:
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        text += "T00:00:00Z"
+    try:
+        return parse_time(text).timestamp()
+    except ValueError:
+        raise _bad(name, "expected a UTC date YYYY-MM-DD or an RFC 3339 time") from None
+
+
+def parse_query(args: Mapping[str, Any], now: float) -> Query:
+    """``from``, ``to``, ``period`` (hour or day) -> Query; ReportError (400) when bad.
+
+    ``from`` is rounded down and ``to`` up to period boundaries; ``to`` stops at the current
+    period, which is still open (its counts change with every report: never published).
+    """
+    unknown = sorted(set(args) - {"from", "to", "period"})
+    if unknown:
+        raise _bad(unknown[0], "unknown parameter (known: from, to, period)")
+    period = args.get("period") or "day"
+    if period not in PERIODS:
+        raise _bad("period", "must be hour or day")
+    width = PERIODS[period]
+    closed = int(now // width) * width
+    end = closed
+    if args.get("to"):
+        to = _moment("to", str(args["to"]))
+        end = min(closed, -int(-to // width) * width)
+    start = end - DEFAULT_SPAN[period] * width
+    if args.get("from"):
+        start = int(_moment("from", str(args["from"])) // width) * width
+    if start > end:
+        raise _bad("from", "must not be after to")
+    if (end - start) // width > MAX_PERIODS:
+        raise _bad("from", f"at most {MAX_PERIODS} periods at once")
+    return Query(start, end, period)
+
+
+def build(store: Any, query: Query, k: int = DEFAULT_K) -> dict[str, Any]:
+    """The aggregate document of ``query`` from ``store`` (docs/aggregates.md)."""
+    width = query.width
+    by_period: dict[int, dict[Key, list[float]]] = {}
+    for row in store.aggregate(query.start, query.end, width):
+        cells = by_period.setdefault(int(row[0]), {})
+        into = cells.setdefault(clean_key(row), [0, 0.0])
+        into[0] += row[9]
+        into[1] += float(row[10])
+    periods = []
+    for start in range(query.start, query.end, width):
+        cells = by_period.get(start, {})
+        published, folded, suppressed = fold(cells, k)
+        total = sum(count for count, _ in cells.values())
+        periods.append({
+            "start": _iso(start), "end": _iso(start + width),
+            "reports": round_count(total), "folded": round_count(folded),
+            "suppressed": round_count(suppressed),
+            "cells": sorted((_cell(item) for item in published), key=_sort_key),
+        })
+    return {"format": FORMAT, "period": query.period, "from": _iso(query.start),
+            "to": _iso(query.end), "k": k, "rounding": ROUND_TO, "periods": periods}
+
+
+def _iso(epoch: float) -> str:
+    return format_time(datetime.fromtimestamp(epoch, UTC))
+
+
+def flat_rows(document: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """One row per published cell, with its period's fields (``period_`` + PERIOD_FIELDS)."""
+    for period in document["periods"]:
+        head = {f"period_{name}": period[name] for name in PERIOD_FIELDS}
+        for cell in period["cells"]:
+            yield {**head, **cell}
+
+
+CSV_FIELDS = tuple(f"period_{name}" for name in PERIOD_FIELDS) + CELL_FIELDS
+
+
+def to_csv(document: Mapping[str, Any]) -> str:
+    """The document's cells as CSV (header first; empty fields for null)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat_rows(document))
+    return out.getvalue()
+
+
+def to_json_lines(document: Mapping[str, Any]) -> Iterable[str]:
+    """One JSON line per period (its cells included), each naming the format, period and k."""
+    for period in document["periods"]:
+        yield json.dumps({"format": document["format"], "period": document["period"],
+                          "k": document["k"], "rounding": document["rounding"], **period},
+                         separators=(",", ":"))

@@ -1,0 +1,139 @@
+"""GET /aggregates (public, k-anonymous) and /dashboard (operator token): plots of the same
+aggregates, drawn on the server, with the relay's backlog."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, render_template, request
+from werkzeug.exceptions import NotFound
+
+from ..aggregate import build, parse_query
+from ..errors import ReportError
+from .plots import bar_chart, line_chart
+from .views import public_labels, services
+
+bp = Blueprint("aggregates", __name__, template_folder="templates")
+
+TOP_SERIES = 6
+TOP_BARS = 10
+# The dashboard loads nothing: no script, font, image or style from anywhere.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@bp.get("/aggregates")
+def get_aggregates() -> Response:
+    """Closed periods only; a past range never changes, the latest until the next period
+    closes, and the caching headers say so."""
+    now = time.time()
+    query = parse_query(request.args, now)
+    document = build(services().store, query, services().config.aggregate_k)
+    response = jsonify(document)
+    next_close = query.end + query.width
+    closed_range = query.end < int(now // query.width) * query.width
+    response.cache_control.public = True
+    response.cache_control.max_age = 86400 if closed_range else max(60, int(next_close - now))
+    response.add_etag()
+    return response.make_conditional(request)
+
+
+def check_operator(header: str | None, token: str | None) -> None:
+    """The dashboard's token as a Bearer token or an HTTP Basic password (constant time);
+    NotFound when the dashboard is off."""
+    if not token:
+        raise NotFound()
+    given = ""
+    if header and header[:7].lower() == "bearer ":
+        given = header[7:].strip()
+    elif header and header[:6].lower() == "basic ":
+        try:
+            given = base64.b64decode(header[6:].strip(), validate=True).decode().partition(
+                ":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            given = ""
+    if not (given and hmac.compare_digest(given.encode(), token.encode())):
+        raise ReportError("dashboard_auth", "the dashboard needs the operator token")
+
+
+def ratio_series(document: Mapping[str, Any], field: str,
+                 top: int = TOP_SERIES) -> dict[str, list[float | None]]:
+    """Weighted failure ratio per period for the ``top`` values of ``field`` by reports."""
+    totals: dict[str, float] = {}
+    per: dict[str, list[list[float]]] = {}
+    count = len(document["periods"])
+    for i, period in enumerate(document["periods"]):
+        for cell in period["cells"]:
+            label = cell[field]
+            if label is None:
+                continue
+            slots = per.setdefault(label, [[0.0, 0.0] for _ in range(count)])
+            slots[i][0] += cell["weighted"]
+            slots[i][1] += cell["weighted"] if cell["outcome"] == "failure" else 0
+            totals[label] = totals.get(label, 0) + cell["weighted"]
+    chosen = sorted(totals, key=lambda label: (-totals[label], label))[:top]
+    return {label: [fail / total if total else None for total, fail in per[label]]
+            for label in chosen}
+
+
+def failing_networks(document: Mapping[str, Any],
+                     top: int = TOP_BARS) -> list[tuple[str, float, str]]:
+    """Endpoint networks with the most (weighted) failures: (ASN, failures, text)."""
+    fails: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for period in document["periods"]:
+        for cell in period["cells"]:
+            asn = cell["endpoint_asn"]
+            if asn is None:
+                continue
+            totals[asn] = totals.get(asn, 0) + cell["weighted"]
+            if cell["outcome"] == "failure":
+                fails[asn] = fails.get(asn, 0) + cell["weighted"]
+    chosen = sorted(fails, key=lambda asn: (-fails[asn], asn))[:top]
+    return [(asn, fails[asn], f"{fails[asn]:.0f} of {totals[asn]:.0f} "
+                              f"({round(100 * fails[asn] / totals[asn])}%)") for asn in chosen]
+
+
+def reject_totals() -> dict[str, float] | None:
+    """Rejected reports by reason, from the Prometheus counters when this build has them."""
+    try:
+        from .. import metrics  # noqa: PLC0415 - optional: absent in builds without metrics
+    except ImportError:
+        return None
+    totals = getattr(metrics, "reject_totals", None)
+    return totals() if callable(totals) else None
+
+
+@bp.get("/dashboard")
+def dashboard() -> Response:
+    svc = services()
+    check_operator(request.headers.get("Authorization"), svc.config.dashboard_token)
+    args = {"period": request.args.get("period") or "day"}
+    query = parse_query(args, time.time())
+    document = build(svc.store, query, svc.config.aggregate_k)
+    labels = [p["start"][:10] if query.period == "day" else p["start"][5:16].replace("T", " ")
+              for p in document["periods"]]
+    charts = [line_chart(f"failure-{field}", f"Failure ratio per {name}", labels,
+                         ratio_series(document, field))
+              for field, name in (("client_cc", "country"), ("client_asn", "network"),
+                                  ("proto", "protocol"))]
+    bars = failing_networks(document)
+    label = public_labels(svc.relay.destinations())
+    backlog = {label(dest): row for dest, row in svc.store.backlog().items()}
+    html = render_template(
+        "dashboard.html", document=document, charts=charts, labels=labels,
+        failing=bar_chart("failing-endpoint-networks", "Top failing endpoint networks", bars)
+        if bars else None, backlog=backlog, rejects=reject_totals(),
+        totals={name: sum(p[name] for p in document["periods"])
+                for name in ("reports", "folded", "suppressed")})
+    return Response(html, mimetype="text/html", headers=DASHBOARD_HEADERS)
