@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -221,9 +222,18 @@ OPTIONS: tuple[Option, ...] = (
            "Retry-After (0: off)."),
     Option("rate-limit-burst", "int", 60,
            "POST requests a client may send at once before rate-limit applies."),
+    Option("rate-limit-storage", "str", "memory://",
+           "Where rate-limit counts live: memory:// (each worker process counts alone: a "
+           "client gets up to workers x rate-limit), or redis://HOST:PORT[/DB], "
+           "rediss://, redis+unix://, memcached://HOST:PORT (one count for every worker and "
+           "instance using it).", secret=True),
+    Option("rate-limit-key", "str", None,
+           "Secret keying the hash that names a client in rate-limit-storage (16-512 "
+           "characters); give instances sharing a storage the same one (default: random at "
+           "each start, so each instance counts a client alone).", secret=True),
     Option("max-in-flight", "int", 256,
-           "POST requests in progress at once across all workers (waits on the relay and the "
-           "store included); more get 503 with Retry-After (0: off)."),
+           "POST requests in progress at once in one worker process (waits on the relay and "
+           "the store included); more get 503 with Retry-After (0: off)."),
     Option("max-in-flight-per-client", "int", 2,
            "Request bodies one client address may be sending to one worker process at once "
            "(a slow upload holds a connection); more get 429 (0: off)."),
@@ -352,6 +362,9 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
             raise ConfigError(f"{name}: must be between 0 (off) and 1000000")
     if not 1 <= config.rate_limit_burst <= 1_000_000:
         raise ConfigError("rate-limit-burst: must be between 1 and 1000000")
+    check_rate_limit_storage(config.rate_limit_storage)
+    if config.rate_limit_key is not None and not 16 <= len(config.rate_limit_key) <= 512:
+        raise ConfigError("rate-limit-key: must be 16-512 characters")
     if not 0.1 <= config.header_timeout <= 3600:
         raise ConfigError("header-timeout: must be between 100ms and 1h")
     if not config.header_timeout <= config.request_timeout <= 3600:
@@ -434,6 +447,28 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
 
 
 _HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+
+
+# Storages of the `limits` library that keep a sliding window counter (web/limits.py).
+RATE_LIMIT_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+sentinel",
+                      "redis+cluster", "memcached")
+
+
+def check_rate_limit_storage(url: Any) -> None:
+    """A storage URL the rate limiter can use; the message never shows the URL (a password)."""
+    expected = "expected memory://, redis://HOST:PORT or memcached://HOST:PORT"
+    try:
+        parts = urlsplit(url or "")
+        port = parts.port
+    except (ValueError, TypeError):
+        raise ConfigError(f"rate-limit-storage: not a URL ({expected})") from None
+    if parts.scheme not in RATE_LIMIT_SCHEMES:
+        raise ConfigError(f"rate-limit-storage: unknown scheme {parts.scheme!r} ({expected})")
+    if parts.scheme == "redis+unix":
+        if not parts.path:
+            raise ConfigError("rate-limit-storage: redis+unix:// needs a socket path")
+    elif parts.scheme != "memory" and not (parts.hostname or (port is None and parts.path)):
+        raise ConfigError(f"rate-limit-storage: {parts.scheme}:// needs a host ({expected})")
 
 
 def check_hostname(hostname: str) -> str:

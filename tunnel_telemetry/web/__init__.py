@@ -34,8 +34,6 @@ class Services:
         self.relay.close()
         self.store.close()
         self.geo.close()
-        if self.limits is not None:
-            self.limits.close()
 
 
 def git_commit() -> str | None:
@@ -81,7 +79,7 @@ def create_app(config: Any = None) -> Any:
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
     prepare_schema()
     relay = build_relay(config, store)
-    limits = build_limits(config)  # shared memory: made here, before gunicorn forks
+    limits = build_limits(config)  # in the master: its client-hash key is every worker's
 
     class CollectorApp(Flask):
         def ensure_sync(self, func: Any) -> Any:
