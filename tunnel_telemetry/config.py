@@ -176,6 +176,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay-token", "str", None, "Bearer token sent with relayed batches.", secret=True),
     Option("relay-tokens", "list", (),
            "Tokens accepted on POST /relay (repeatable; none: /relay is closed).", secret=True),
+    Option("report-id-key", "str", None,
+           "Secret that derives the uuid of a report sent without one (outline-sdk's "
+           "test-connectivity), so a retry is stored once; the same on every collector "
+           "sharing a database (default: random at each start).", secret=True),
     Option("relay-timeout", "duration", 5.0,
            "How long POST /report waits for the relay before answering 'pending' (the attempt "
            "goes on in the background; 0: never wait)."),
@@ -419,6 +423,9 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
     if config.dashboard_token is not None and not re.fullmatch(r"[\x21-\x7e]{16,512}",
                                                                config.dashboard_token):
         raise ConfigError("dashboard-token: must be 16-512 printable characters, no spaces")
+    if config.report_id_key is not None and not re.fullmatch(r"[\x21-\x7e]{16,512}",
+                                                             config.report_id_key):
+        raise ConfigError("report-id-key: must be 16-512 printable characters, no spaces")
     if not 0 < config.relay_attempt_timeout <= 600:
         raise ConfigError("relay-attempt-timeout: must be more than 0 and at most 10m")
     if config.relay_timeout > 600:

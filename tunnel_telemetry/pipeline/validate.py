@@ -123,20 +123,7 @@ def validate(
     if errors:
         raise ReportError("schema", "the report does not match the schema", errors)
 
-    try:
-        started = parse_time(payload["time"])
-    except ValueError as exc:
-        raise ReportError("bad_time", "invalid time",
-                          [{"path": "$.time", "message": str(exc)}]) from None
-    if started > now + timedelta(seconds=max_skew):
-        raise ReportError("time_future", "time is too far in the future",
-                          [{"path": "$.time", "message":
-                            f"more than {format_duration(max_skew)} ahead of the collector's clock "
-                            "(max-clock-skew)"}])
-    if started < now - timedelta(seconds=max_age):
-        raise ReportError("time_old", "time is too old",
-                          [{"path": "$.time", "message":
-                            f"older than {format_duration(max_age)} (max-report-age)"}])
+    started = check_time(payload["time"], now, max_age, max_skew)
     try:
         endpoint = parse_endpoint(payload["endpoint"])
     except ValueError as exc:
@@ -157,11 +144,36 @@ def validate(
     for key in ("client_asn", "client_cc"):
         if key in payload:
             report[key] = payload[key]
+    check_nul(report)
+    return report, endpoint
+
+
+def check_time(text: str, now: datetime, max_age: float, max_skew: float,
+               path: str = "$.time") -> datetime:
+    """Parse a report's start time and check it is inside the accepted window."""
+    try:
+        started = parse_time(text)
+    except ValueError as exc:
+        raise ReportError("bad_time", "invalid time",
+                          [{"path": path, "message": str(exc)}]) from None
+    if started > now + timedelta(seconds=max_skew):
+        raise ReportError("time_future", "time is too far in the future",
+                          [{"path": path, "message":
+                            f"more than {format_duration(max_skew)} ahead of the collector's clock "
+                            "(max-clock-skew)"}])
+    if started < now - timedelta(seconds=max_age):
+        raise ReportError("time_old", "time is too old",
+                          [{"path": path, "message":
+                            f"older than {format_duration(max_age)} (max-report-age)"}])
+    return started
+
+
+def check_nul(report: dict[str, Any]) -> None:
+    """Reject a normalised report with U+0000 in a string: no store can keep one."""
     nul = _nul_path(report, "$")
     if nul is not None:
         raise ReportError("nul_character", "the report contains a NUL character (\\u0000)",
                           [{"path": nul, "message": "must not contain NUL characters"}])
-    return report, endpoint
 
 
 def _nul_path(value: Any, path: str) -> str | None:

@@ -135,6 +135,8 @@ def _short_message(error: jsonschema.ValidationError) -> str:
         "minimum": lambda: f"must be at least {value}",
         "exclusiveMinimum": lambda: f"must be greater than {value}",
         "maxProperties": lambda: f"has more than {value} keys",
+        "maxItems": lambda: f"has more than {value} items",
+        "enum": lambda: "must be one of " + ", ".join(json.dumps(v) for v in value),
         "oneOf": lambda: "must be null or an object with at least op",
         "additionalProperties": lambda: _extra_fields(error) if value is False
         else "has a value of the wrong type",

@@ -23,6 +23,7 @@ class Services:
     commit: str | None = None
     started_pid: int | None = None
     limits: Any = None
+    report_id_key: bytes = b""  # derives the uuid of a report that has none (pipeline/outline)
 
     def start(self) -> None:
         """Start background work in this process (after gunicorn's fork); idempotent."""
@@ -59,6 +60,7 @@ def create_app(config: Any = None) -> Any:
     from ..config import Config, load_config
     from ..logs import setup_logging
     from ..pipeline.geo import open_geo
+    from ..pipeline.outline import SCHEMA as OUTLINE_SCHEMA
     from ..protocol.schema import prepare as prepare_schema
     from ..relay import build_relay
     from ..store import open_store
@@ -78,6 +80,7 @@ def create_app(config: Any = None) -> Any:
     store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
     prepare_schema()
+    prepare_schema(OUTLINE_SCHEMA)
     relay = build_relay(config, store)
     limits = build_limits(config)  # in the master: its client-hash key is every worker's
 
@@ -92,8 +95,9 @@ def create_app(config: Any = None) -> Any:
     app.config["MAX_CONTENT_LENGTH"] = config.max_report_size + 1
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    app.extensions["tunnel_telemetry"] = Services(config, geo, store, relay, git_commit(),
-                                                  limits=limits)
+    app.extensions["tunnel_telemetry"] = Services(
+        config, geo, store, relay, git_commit(), limits=limits,
+        report_id_key=(config.report_id_key or "").encode() or os.urandom(32))
     app.register_blueprint(bp)
     app.register_blueprint(aggregates_bp)
     init_limits(app, limits)

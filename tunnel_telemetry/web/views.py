@@ -12,6 +12,8 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..errors import ReportError
 from ..pipeline.enrich import enrich
+from ..pipeline.outline import SCHEMA as OUTLINE_SCHEMA
+from ..pipeline.outline import is_outline, translate
 from ..pipeline.scrub import scrub
 from ..pipeline.validate import parse_json, validate
 from ..protocol.schema import load_schema
@@ -90,7 +92,11 @@ def post_report() -> tuple[Response, int]:
     config = svc.config
     payload = read_json_body(config.max_report_size)
     now = datetime.now(UTC)
-    report, endpoint = validate(payload, now, config.max_report_age, config.max_clock_skew)
+    if is_outline(payload):  # outline-sdk's test-connectivity: its own shape, translated
+        report, endpoint = translate(payload, now, config.max_report_age,
+                                     config.max_clock_skew, svc.report_id_key)
+    else:
+        report, endpoint = validate(payload, now, config.max_report_age, config.max_clock_skew)
     enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
                       config.collector_id)
     clean = scrub(enriched, config.allow_public_endpoint)
@@ -158,5 +164,13 @@ def public_labels(destinations: list[str]) -> Any:
 @bp.get("/report.schema.json")
 def report_schema() -> Response:
     response = jsonify(load_schema())
+    response.mimetype = "application/schema+json"
+    return response
+
+
+@bp.get("/outline-report.schema.json")
+def outline_report_schema() -> Response:
+    """The schema POST /report enforces on outline-sdk test-connectivity reports."""
+    response = jsonify(load_schema(OUTLINE_SCHEMA))
     response.mimetype = "application/schema+json"
     return response
