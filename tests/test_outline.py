@@ -176,12 +176,12 @@ def test_derived_uuid_is_keyed_and_stable():
 
 
 def test_the_key_option_makes_uuids_the_same_across_collectors(app_config, tmp_path):
-    uuids = []
+    uuids, data = [], body(TCP_FAILURE)
     for name in ("a", "b"):
         app = create_app({**app_config, "database-url": f"sqlite:///{tmp_path}/{name}.db",
                           "report-id-key": "shared-secret-0123456789"})
         try:
-            uuids.append(post(app.test_client(), body(TCP_FAILURE, now_text())).get_json())
+            uuids.append(post(app.test_client(), data).get_json())
         finally:
             app.extensions["tunnel_telemetry"].close()
     assert uuids[0]["uuid"] == uuids[1]["uuid"]
