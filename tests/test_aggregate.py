@@ -43,7 +43,7 @@ def set_received(db_url, received):
 
 def fill(store, db_url, day, reports):
     for item in reports:
-        store.add(item, [])
+        store.add(item)
     set_received(db_url, T0 + day * DAY)
 
 

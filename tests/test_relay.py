@@ -10,20 +10,16 @@ import pytest
 from werkzeug.serving import make_server
 
 from tunnel_telemetry.cli import main
-from tunnel_telemetry.relay.delivery import Outcome
-from tunnel_telemetry.relay.relay import (
-    MAX_BATCH,
-    CollectorSender,
-    NullRelay,
-    Relay,
-    backoff,
-    is_destination_failure,
-)
+from tunnel_telemetry.httpclient import backoff
+from tunnel_telemetry.relay import NullRelay, Relay
+from tunnel_telemetry.relay.outcome import Outcome, is_destination_failure
+from tunnel_telemetry.relay.senders import CollectorSender
 from tunnel_telemetry.store import dumps
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import free_port, wait_until
 from tunnel_telemetry.web import create_app
+from tunnel_telemetry.web.relayed import MAX_BATCH
 
 TOKEN = "relay-token-0123456789"
 FAST = {"relay-interval": "50ms", "relay-retry-min": "50ms", "relay-retry-max": "200ms"}
@@ -796,7 +792,7 @@ def test_an_attempt_overlapping_a_failure_neither_ends_nor_doubles_the_backoff(m
     before = time.time()
     relay._record(ps, "ooni", uid, 0, Outcome.retry("http-503"), started=before)
     relay._record(ps, "ooni", uid, 0, Outcome.retry("timeout"), started=before)  # in flight too
-    assert ps.holds["ooni"].failures == 1
+    assert ps.holds._holds["ooni"].failures == 1
     relay._record(ps, "ooni", uid, 0, Outcome.delivered(), started=before)  # sent before it
     assert relay.health()["backing_off_s"]["ooni"] > 0
     relay._record(ps, "ooni", uid, 0, Outcome.delivered(), started=time.time())  # sent after

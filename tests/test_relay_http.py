@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tunnel_telemetry.relay import delivery, ooni
-from tunnel_telemetry.relay.delivery import (
+from tunnel_telemetry.relay import http as delivery
+from tunnel_telemetry.relay import ooni
+from tunnel_telemetry.relay.http import (
     BodyError,
     DeadlineReached,
     RelayHTTP,

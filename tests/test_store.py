@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tunnel_telemetry.errors import ReportError, StoreUnavailable
-from tunnel_telemetry.store import SQLiteStore, StoreError, open_store, sqlite_path
+from tunnel_telemetry.store import Enqueue, SQLiteStore, StoreError, open_store, sqlite_path
 
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
 POSTGRES_ONLY = pytest.mark.parametrize("backend", ["postgres"])
@@ -69,9 +69,9 @@ def test_backend_name(store, backend):
 
 def test_add_is_idempotent(store):
     first = report(x=1)
-    stored, created = store.add(first, ["ooni"])
+    stored, created = store.add(first, Enqueue(["ooni"]))
     assert created and stored == first
-    again, created = store.add({**first, "x": 2}, ["ooni"])
+    again, created = store.add({**first, "x": 2}, Enqueue(["ooni"]))
     assert not created and again == first
     assert store.count() == 1
     assert store.relay_state(first["uuid"])["ooni"]["state"] == "pending"
@@ -80,7 +80,7 @@ def test_add_is_idempotent(store):
 
 def test_add_round_trips_json(store):
     r = report(config={"prefix": "été ☃", "n": [1, 2.5, None, True]}, big=2**53 + 1)
-    store.add(r, [])
+    store.add(r, Enqueue([]))
     assert store.get(r["uuid"]) == r
     assert store.get("missing") is None
     assert store.relay_state(r["uuid"]) == {}
@@ -88,7 +88,7 @@ def test_add_round_trips_json(store):
 
 def test_update_report(store):
     r = report(keep={"a": 1})
-    store.add(r, [])
+    store.add(r, Enqueue([]))
     updated = store.update_report(r["uuid"], {"ooni-measurement-id": "m"})
     assert updated["ooni-measurement-id"] == "m" and updated["keep"] == {"a": 1}
     assert store.get(r["uuid"])["ooni-measurement-id"] == "m"
@@ -97,7 +97,8 @@ def test_update_report(store):
 
 
 def test_claim_leases_and_finish(store):
-    uids = [store.add(report(), ["ooni", "collector:http://b"])[0]["uuid"] for _ in range(3)]
+    both = Enqueue(["ooni", "collector:http://b"])
+    uids = [store.add(report(), both)[0]["uuid"] for _ in range(3)]
     claims = store.claim("ooni", 10, "w1", 30)
     assert [c.uuid for c in claims] == uids
     assert claims[0].report == store.get(uids[0]) and claims[0].attempts == 0
@@ -123,7 +124,7 @@ def test_claim_leases_and_finish(store):
 
 
 def test_claim_limit_and_order(store):
-    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(5)]
+    uids = [store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(5)]
     first = store.claim("ooni", 2, "w1", 30)
     second = store.claim("ooni", 2, "w2", 30)
     third = store.claim("ooni", 2, "w3", 30)
@@ -132,7 +133,7 @@ def test_claim_limit_and_order(store):
 
 
 def test_expired_lease_is_taken_over(store):
-    uid = store.add(report(), ["ooni"])[0]["uuid"]
+    uid = store.add(report(), Enqueue(["ooni"]))[0]["uuid"]
     assert store.claim("ooni", 1, "dead", 5, now=1e10)
     assert store.claim("ooni", 1, "other", 5, now=1e10 + 1) == []
     assert [c.uuid for c in store.claim("ooni", 1, "other", 5, now=1e10 + 6)] == [uid]
@@ -141,8 +142,8 @@ def test_expired_lease_is_taken_over(store):
 
 
 def test_backlog_age(store):
-    store.add(report(), ["ooni"])
-    store.add(report(), ["ooni", "collector:http://b"])
+    store.add(report(), Enqueue(["ooni"]))
+    store.add(report(), Enqueue(["ooni", "collector:http://b"]))
     created = min(c.created for c in store.claim("ooni", 10, "w", 0, now=1e10))
     backlog = store.backlog(now=created + 60)
     assert backlog["ooni"] == {"pending": 2, "oldest_age_s": 60.0}
@@ -157,7 +158,7 @@ def test_finish_rejects_unknown_state(store):
 def _writer(url, n, queue):
     store = open_store(url)
     for _ in range(n):
-        store.add(report(), ["ooni"])
+        store.add(report(), Enqueue(["ooni"]))
     store.close()
     queue.put(os.getpid())
 
@@ -182,7 +183,7 @@ def _claimer(url, queue):
 
 
 def test_concurrent_claimers_never_double_claim(db_url, store):
-    uids = {store.add(report(), ["ooni"])[0]["uuid"] for _ in range(120)}
+    uids = {store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(120)}
     results = run_processes(_claimer, [(db_url,)] * 4)
     delivered = [uid for mine in results for uid in mine]
     assert len(delivered) == len(set(delivered)) == 120
@@ -193,7 +194,7 @@ def test_concurrent_claimers_never_double_claim(db_url, store):
 
 def test_threads_share_one_store(store):
     """gthread workers: several threads of one process use the same store object."""
-    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(40)]
+    uids = [store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(40)]
     got, errors = [], []
 
     def work(name):
@@ -216,13 +217,13 @@ def test_threads_share_one_store(store):
 
 def _use_after_fork(store, queue):
     """A child uses the store object its parent had already used (gunicorn preload)."""
-    created = store.add(report(), ["ooni"])[1]
+    created = store.add(report(), Enqueue(["ooni"]))[1]
     queue.put(created)
     store.close()
 
 
 def test_store_is_fork_safe(store):
-    store.add(report(), [])  # the parent has a live connection before the fork
+    store.add(report(), Enqueue([]))  # the parent has a live connection before the fork
     results = run_processes(_use_after_fork, [(store,)] * 2)
     assert results == [True, True]
     assert store.count() == 3  # and the parent's connection still works
@@ -295,11 +296,11 @@ def test_concurrent_adds_share_one_commit(store, db_url, monkeypatch):
 
     monkeypatch.setattr(store, "_commit_batch", counting)
     earlier = report(x="stored before")
-    store.add(earlier, ["ooni"])
+    store.add(earlier, Enqueue(["ooni"]))
     same = report()
     reports = [report() for _ in range(10)] + [same, dict(same, x=1), dict(earlier, x=2)]
     results = _queue_behind_blocker(store, db_url,
-                                    [lambda r=r: store.add(r, ["ooni"]) for r in reports])
+                                    [lambda r=r: store.add(r, Enqueue(["ooni"])) for r in reports])
     assert batches == [1, len(reports)]  # earlier, then the leader and all that queued
     assert [created for _, created in results] == [True] * 11 + [False, False]
     assert results[-2][0] == same  # a duplicate in the same batch sees the first one
@@ -316,7 +317,7 @@ def test_a_failing_write_does_not_fail_its_batch(store, db_url):
         raise sqlite3.IntegrityError("boom")
 
     reports = [report() for _ in range(5)]
-    jobs = [lambda r=r: store.add(r, [])[1] for r in reports]
+    jobs = [lambda r=r: store.add(r, Enqueue([]))[1] for r in reports]
     jobs.insert(2, lambda: store._grouped(poison))
     results = _queue_behind_blocker(store, db_url, jobs)
     assert isinstance(results[2], StoreUnavailable)
@@ -326,7 +327,7 @@ def test_a_failing_write_does_not_fail_its_batch(store, db_url):
 
 def test_add_with_lease_keeps_rows_from_other_claimers(store):
     r = report()
-    store.add(r, ["ooni", "collector:http://b"], lease_owner="req", lease_seconds=30)
+    store.add(r, Enqueue(["ooni", "collector:http://b"], owner="req", lease_seconds=30))
     assert store.claim("ooni", 10, "loop", 30) == []
     assert store.finish(r["uuid"], "ooni", "req", "delivered")
     assert store.finish(r["uuid"], "collector:http://b", "req", "pending", next_attempt=0)
@@ -335,7 +336,7 @@ def test_add_with_lease_keeps_rows_from_other_claimers(store):
 
 def test_add_lease_expires(store):
     r = report()
-    store.add(r, ["ooni"], lease_owner="dead", lease_seconds=5)
+    store.add(r, Enqueue(["ooni"], owner="dead", lease_seconds=5))
     assert store.claim("ooni", 1, "loop", 5) == []
     assert [c.uuid for c in store.claim("ooni", 1, "loop", 5, now=time.time() + 6)] == [r["uuid"]]
     assert not store.finish(r["uuid"], "ooni", "dead", "delivered")
@@ -343,14 +344,14 @@ def test_add_lease_expires(store):
 
 def test_duplicate_add_leases_nothing(store):
     r = report()
-    store.add(r, ["ooni"])
-    store.add(r, ["ooni"], lease_owner="req", lease_seconds=30)
+    store.add(r, Enqueue(["ooni"]))
+    store.add(r, Enqueue(["ooni"], owner="req", lease_seconds=30))
     assert len(store.claim("ooni", 1, "loop", 30)) == 1
 
 
 def test_finish_merges_report_fields_only_with_the_lease(store):
     r = report()
-    store.add(r, ["ooni"], lease_owner="w1", lease_seconds=30)
+    store.add(r, Enqueue(["ooni"], owner="w1", lease_seconds=30))
     assert not store.finish(r["uuid"], "ooni", "w2", "delivered", report_fields={"x": 1})
     assert "x" not in store.get(r["uuid"])
     assert store.finish(r["uuid"], "ooni", "w1", "delivered", result={"id": "m"},
@@ -359,7 +360,7 @@ def test_finish_merges_report_fields_only_with_the_lease(store):
 
 
 def test_release_gives_rows_back_without_counting_an_attempt(store):
-    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(3)]
+    uids = [store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(3)]
     assert len(store.claim("ooni", 10, "w1", 30)) == 3
     assert store.release(uids[:2], "ooni", "w2") == 0  # not the owner
     assert store.release(uids[:2], "ooni", "w1", next_attempt=time.time() + 100) == 2
@@ -371,7 +372,7 @@ def test_release_gives_rows_back_without_counting_an_attempt(store):
 
 
 def test_make_due_ignores_backoff(store):
-    uids = [store.add(report(), ["ooni", "other"])[0]["uuid"] for _ in range(2)]
+    uids = [store.add(report(), Enqueue(["ooni", "other"]))[0]["uuid"] for _ in range(2)]
     for c in store.claim("ooni", 10, "w", 30):
         store.finish(c.uuid, "ooni", "w", "pending", next_attempt=time.time() + 3600)
     assert store.claim("ooni", 10, "w", 30) == []
@@ -381,7 +382,7 @@ def test_make_due_ignores_backoff(store):
 
 
 def test_requeue_failed(store):
-    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(3)]
+    uids = [store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(3)]
     states = ["failed", "delivered", "expired"]
     for uid, state in zip(uids, states, strict=True):
         store.claim("ooni", 1, "w", 30)
@@ -409,7 +410,7 @@ def test_locked_database_is_503_and_writes_nothing(db_url):
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(StoreUnavailable) as info:
-            store.add(report(), ["ooni"])
+            store.add(report(), Enqueue(["ooni"]))
         assert info.value.retry_after
     finally:
         blocker.execute("ROLLBACK")
@@ -430,7 +431,7 @@ def admin(url):
 def test_heroku_postgres_scheme(db_url):
     assert db_url.startswith("postgresql://")
     store = open_store("postgres://" + db_url.removeprefix("postgresql://"))
-    assert store.backend == "postgresql" and store.add(report(), ["ooni"])[1]
+    assert store.backend == "postgresql" and store.add(report(), Enqueue(["ooni"]))[1]
     store.close()
 
 
@@ -457,16 +458,16 @@ def test_locked_table_is_503_and_writes_nothing(db_url):
         with blocker.transaction():
             blocker.execute("LOCK TABLE reports IN ACCESS EXCLUSIVE MODE")
             with pytest.raises(StoreUnavailable) as info:
-                store.add(report(), ["ooni"])
+                store.add(report(), Enqueue(["ooni"]))
             assert info.value.retry_after
     assert store.count() == 0
-    assert store.add(report(), ["ooni"])[1]  # the pool recovered its connection
+    assert store.add(report(), Enqueue(["ooni"]))[1]  # the pool recovered its connection
     store.close()
 
 
 @POSTGRES_ONLY
 def test_connection_killed_by_the_server_is_replaced(store, db_url):
-    store.add(report(), [])
+    store.add(report(), Enqueue([]))
     with admin(db_url) as conn:
         pids = [r[0] for r in conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'tt-server' "
@@ -474,14 +475,14 @@ def test_connection_killed_by_the_server_is_replaced(store, db_url):
         assert pids
         for pid in pids:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    assert store.add(report(), ["ooni"])[1]
+    assert store.add(report(), Enqueue(["ooni"]))[1]
     assert store.count() == 2
 
 
 @POSTGRES_ONLY
 def test_nul_character_is_a_client_error(store):
     with pytest.raises(ReportError) as info:
-        store.add(report(config={"prefix": "a\u0000b"}), ["ooni"])
+        store.add(report(config={"prefix": "a\u0000b"}), Enqueue(["ooni"]))
     assert isinstance(info.value, ReportError) and info.value.code == "nul_character"
     assert store.count() == 0
 
@@ -491,7 +492,7 @@ def test_write_path_errors_are_503(store, db_url):
     with admin(db_url) as conn:
         conn.execute("ALTER TABLE relays ADD CONSTRAINT no_more CHECK (destination <> 'x')")
     with pytest.raises(StoreUnavailable):
-        store.add(report(), ["x"])
+        store.add(report(), Enqueue(["x"]))
     assert store.count() == 0  # the report row was rolled back with its relay rows
 
 
@@ -530,7 +531,7 @@ def test_migration_under_concurrent_start_up(db_url, rounds):
 def test_migrates_forward_and_refuses_a_newer_schema(db_url, store):
     from tunnel_telemetry.store.postgres import MIGRATIONS, Migration, PostgresStore
 
-    uid = store.add(report(), ["ooni"])[0]["uuid"]
+    uid = store.add(report(), Enqueue(["ooni"]))[0]["uuid"]
     step = Migration(len(MIGRATIONS) + 1, "add a column",
                      "ALTER TABLE reports ADD COLUMN note text DEFAULT 'n'")
     newer = PostgresStore(db_url, migrations=(*MIGRATIONS, step))
@@ -556,7 +557,7 @@ def _claim_and_die(url, queue):
 
 @POSTGRES_ONLY
 def test_killed_claimer_is_taken_over_after_its_lease(db_url, store):
-    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(8)]
+    uids = [store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(8)]
     queue = FORK.Queue()
     proc = FORK.Process(target=_claim_and_die, args=(db_url, queue))
     proc.start()
@@ -572,7 +573,7 @@ def test_killed_claimer_is_taken_over_after_its_lease(db_url, store):
 
 @SQLITE_ONLY
 def test_claim_walks_the_backlog_in_order_without_sorting_it(store):
-    uids = [store.add(report(), ["ooni"])[0]["uuid"] for _ in range(30)]
+    uids = [store.add(report(), Enqueue(["ooni"]))[0]["uuid"] for _ in range(30)]
     statements = []
     store._conn.set_trace_callback(statements.append)
     try:
@@ -612,7 +613,7 @@ def test_a_database_file_gone_while_open_is_503_not_a_ghost_write(tmp_path, how)
     """An open SQLite file that is deleted keeps accepting writes that are lost on restart."""
     path = tmp_path / "r.db"
     store = SQLiteStore(str(path))
-    store.add(report(), ["ooni"])
+    store.add(report(), Enqueue(["ooni"]))
     assert store.ping()
     if how == "deleted":
         for suffix in ("", "-wal", "-shm"):
@@ -626,13 +627,13 @@ def test_a_database_file_gone_while_open_is_503_not_a_ghost_write(tmp_path, how)
             (tmp_path / f"r.db{suffix}").unlink()
         os.replace(tmp_path / "other.db", path)
     with pytest.raises(StoreUnavailable):
-        store.add(report(), ["ooni"])
+        store.add(report(), Enqueue(["ooni"]))
     assert store.ping() is (how == "replaced")
     if how == "replaced":  # the file now at the path is used from here on
-        store.add(report(), ["ooni"])
+        store.add(report(), Enqueue(["ooni"]))
         assert store.count() == 1
     else:
         with pytest.raises(StoreUnavailable):
-            store.add(report(), ["ooni"])
+            store.add(report(), Enqueue(["ooni"]))
         assert not path.exists(), "no empty database is started in its place"
     store.close()

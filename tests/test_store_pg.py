@@ -20,7 +20,7 @@ import requests
 
 from tunnel_telemetry.cli import main
 from tunnel_telemetry.errors import StoreUnavailable
-from tunnel_telemetry.store import StoreError, open_store
+from tunnel_telemetry.store import Enqueue, StoreError, open_store
 from tunnel_telemetry.store.postgres import PostgresStore, redact_url
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.postgres import PostgresCluster, find_bindir
@@ -119,11 +119,11 @@ def test_database_restart_is_503_then_recovers(own_cluster):
     app.extensions["tunnel_telemetry"].store.pool_timeout = 0.5  # before its pool is opened
     client = app.test_client()
     try:
-        assert store.add(make_report(uuid=str(uuid.uuid4())), ["ooni"])[1]
+        assert store.add(make_report(uuid=str(uuid.uuid4())), Enqueue(["ooni"]))[1]
         assert client.post("/report", json=make_report()).status_code == 201
         own_cluster.stop_server()
         with pytest.raises(StoreUnavailable):
-            store.add(make_report(uuid=str(uuid.uuid4())), ["ooni"])
+            store.add(make_report(uuid=str(uuid.uuid4())), Enqueue(["ooni"]))
         assert not store.ping()
         down = client.post("/report", json=make_report())
         assert down.status_code == 503 and down.headers["Retry-After"]
@@ -132,7 +132,7 @@ def test_database_restart_is_503_then_recovers(own_cluster):
         deadline = time.monotonic() + 15
         while True:
             try:
-                store.add(make_report(uuid=str(uuid.uuid4())), ["ooni"])
+                store.add(make_report(uuid=str(uuid.uuid4())), Enqueue(["ooni"]))
                 break
             except StoreUnavailable:
                 assert time.monotonic() < deadline, "the pool did not reconnect"

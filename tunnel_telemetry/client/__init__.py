@@ -19,7 +19,6 @@ Delivery outcome by collector answer (see docs/client.md):
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import errno
 import json
 import logging
@@ -40,7 +39,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import requests
 
-from .. import __version__
+from .. import __version__, httpclient
 from ..files import write_private
 from ..protocol import schema as _schema
 from ..protocol.fields import Endpoint
@@ -468,14 +467,14 @@ class Spool:
 class RetryPolicy:
     """Bounds for one delivery: rounds over the collector list, backoff between rounds.
 
-    Round ``n`` (from 1) waits ``min(max_backoff, backoff * multiplier**(n-1))`` less up to
-    ``jitter`` of it at random, and at least until a collector's ``Retry-After`` (capped at
-    ``retry_after_cap``) has passed. No new round starts past ``max_elapsed`` seconds.
+    Round ``n`` (from 1) waits ``min(max_backoff, backoff * 2**(n-1))`` less up to ``jitter``
+    of it at random (``tunnel_telemetry.httpclient.backoff``), and at least until a collector's
+    ``Retry-After`` (capped at ``retry_after_cap``) has passed. No new round starts past
+    ``max_elapsed`` seconds.
     """
 
     attempts: int = 3
     backoff: float = 1.0
-    multiplier: float = 2.0
     max_backoff: float = 30.0
     jitter: float = 0.5
     max_elapsed: float = 60.0
@@ -491,25 +490,11 @@ class RetryPolicy:
 
     def delay(self, round_number: int, rng: random.Random) -> float:
         """Backoff before round ``round_number`` (1 = first retry), jittered."""
-        base = min(self.max_backoff, self.backoff * self.multiplier ** (round_number - 1))
-        return base * (1.0 - self.jitter * rng.random())
+        return httpclient.backoff(round_number - 1, self.backoff, self.max_backoff,
+                            jitter=self.jitter, rand=rng.random)
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (seconds or HTTP date); ``None`` if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = _time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
+parse_retry_after = httpclient.parse_retry_after
 
 
 def report_url(collector: str) -> str:
@@ -610,7 +595,7 @@ class Client:
         self.sampler = sampler
         self.timeout = timeout
         self._own_session = session is None
-        self.session = session or requests.Session()
+        self.session = session or httpclient.session()
         if self._own_session:
             self.session.headers["User-Agent"] = USER_AGENT
         self._cancel = threading.Event()

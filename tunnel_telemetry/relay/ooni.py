@@ -1,9 +1,9 @@
 """OONI collector client: turns a stored, scrubbed report into an OONI measurement.
 
 Speaks OONI's report protocol (open ``POST /report``, submit ``POST /report/{id}``, close
-``POST /report/{id}/close``) over keep-alive urllib3 connections (``RelayHTTP``).  An open report is
-reused for every measurement with the same (probe_cc, probe_asn, UTC day, test version), so
-a report normally costs one round trip; reports are closed when the day rolls over and at
+``POST /report/{id}/close``) over keep-alive connections (``RelayHTTP``).  An open report is
+reused for every measurement with the same (probe_cc, probe_asn, UTC day, test version), so a
+report normally costs one round trip; reports are closed when the day rolls over and at
 shutdown (``close_stale()`` / ``close()``).  The measurement follows OONI's base data
 format (df-000).
 """
@@ -20,17 +20,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
-from .delivery import (
+from .http import (
     HTTP_ERRORS,
     Deadline,
-    Outcome,
     RelayHTTP,
     classify_exception,
     classify_response,
     json_body,
-    one_line,
     response_json,
 )
+from .outcome import Outcome, one_line
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ class OONIClient:
         resp = self.http.post(f"/report/{rep.report_id}",
                               json_body({"format": "json", "content": content}),
                               deadline.timeout())
-        if resp.status in (404, 410):
+        if resp.status_code in (404, 410):
             raise _ReportGone()
         bad = classify_response(resp)
         if bad is not None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .base import STATES, Claim, Store, StoreError, dumps, relay_row
+from .base import STATES, Claim, Enqueue, RelayQueue, Reports, Store, StoreError, dumps
 from .sqlite import SQLiteStore, sqlite_options, sqlite_path
 
-__all__ = ["STATES", "Claim", "Store", "StoreError", "SQLiteStore", "dumps", "open_store",
-           "relay_row"]
+__all__ = ["STATES", "Claim", "Enqueue", "RelayQueue", "Reports", "SQLiteStore", "Store",
+           "StoreError", "dumps", "open_store"]
 
 
 def open_store(url: str) -> Store:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 STATES = ("pending", "delivered", "failed", "expired", "skipped")
@@ -18,6 +18,54 @@ class StoreError(Exception):
     """A store that cannot be opened; the message is one line."""
 
 
+class Reports(Protocol):
+    """The reports: stored once by uuid, read back, counted. Backends also say whether they
+    are usable (``ping``, ``disk``)."""
+
+    backend: str
+
+    def add(self, report: dict[str, Any], queue: Enqueue | None = None, *,
+            body: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Store ``report`` once by uuid (its uuid's first report wins): (stored, created).
+
+        ``queue``: relay rows written in the same transaction (a report is never stored
+        without them). ``body``: the report already encoded by ``dumps``.
+        """
+
+    def get(self, uuid: str) -> dict[str, Any] | None: ...
+
+    def update_report(self, uuid: str, fields: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    def count(self) -> int: ...
+
+    def aggregate(self, start: float, end: float, width: int) -> list[tuple]: ...
+
+    def ping(self) -> bool: ...
+
+    def disk(self) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+# -- the relay queue: one row per report and destination --------------------------------------
+
+@dataclass(frozen=True)
+class Enqueue:
+    """Relay rows to write with a new report: pending for each destination, leased to
+    ``owner`` for ``lease_seconds`` when there is one (its first attempt, in the request), or
+    already final (skipped, with the reason) for the destinations in ``skipped``."""
+
+    destinations: Sequence[str]
+    owner: str | None = None
+    lease_seconds: float = 0.0
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+    def rows(self, uuid: str, now: float) -> list[tuple]:
+        """The rows' values in the ``relays`` column order of ``add``'s insert."""
+        return [relay_row(uuid, dest, now, self.owner, self.lease_seconds, self.skipped)
+                for dest in self.destinations]
+
+
 @dataclass(frozen=True)
 class Claim:
     """A pending relay leased to one owner."""
@@ -28,19 +76,8 @@ class Claim:
     created: float
 
 
-class Store(Protocol):
-    """What the collector needs from a backend (SQLite now, PostgreSQL later)."""
-
-    backend: str
-
-    def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None,
-            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]: ...
-
-    def get(self, uuid: str) -> dict[str, Any] | None: ...
-
-    def update_report(self, uuid: str, fields: dict[str, Any]) -> dict[str, Any] | None: ...
+class RelayQueue(Protocol):
+    """Which report still has to go where: claimed with a lease, finished with an outcome."""
 
     def claim(self, destination: str, limit: int, owner: str, lease_seconds: float,
               now: float | None = None, due_only: bool = True) -> list[Claim]: ...
@@ -62,15 +99,9 @@ class Store(Protocol):
 
     def backlog(self, now: float | None = None) -> dict[str, dict[str, Any]]: ...
 
-    def count(self) -> int: ...
 
-    def aggregate(self, start: float, end: float, width: int) -> list[tuple]: ...
-
-    def ping(self) -> bool: ...
-
-    def disk(self) -> str | None: ...
-
-    def close(self) -> None: ...
+class Store(Reports, RelayQueue, Protocol):
+    """A backend: both interfaces on one database (SQLite, PostgreSQL)."""
 
 
 def dumps(value: Any) -> str:

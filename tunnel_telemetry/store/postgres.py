@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +28,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .. import green
 from ..errors import ReportError, StoreUnavailable
-from .base import STATES, Claim, StoreError, dumps, relay_row
+from . import green
+from .base import STATES, Claim, Enqueue, StoreError, dumps
 
 log = logging.getLogger(__name__)
 
@@ -281,19 +281,12 @@ class PostgresStore:
         with self._tx() as conn:
             return conn.execute(query, params).fetchall()
 
-    # -- Store methods -------------------------------------------------------------------
+    # -- Reports and RelayQueue -------------------------------------------------------------------
 
-    def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None,
-            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
-        """Store a report once by uuid and queue it for each destination, atomically.
-
-        With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
-        the caller can attempt them at once without another process claiming them too.
-        ``body`` (the SQLite store's text) is not needed: psycopg encodes the jsonb itself.
-        ``skipped``: destinations whose rows start final (skipped, with the reason).
-        """
+    def add(self, report: dict[str, Any], queue: Enqueue | None = None, *,
+            body: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Store a report once by uuid with its relay rows (``queue``), atomically; see
+        ``Reports.add``. ``body`` is not needed: psycopg encodes the jsonb itself."""
         now = time.time()
         with self._tx() as conn:
             row = conn.execute(
@@ -305,9 +298,8 @@ class PostgresStore:
                 stored = conn.execute("SELECT body FROM reports WHERE uuid = %s",
                                       (report["uuid"],)).fetchone()
                 return stored[0], False
-            if destinations:
-                rows = [relay_row(report["uuid"], dest, now, lease_owner, lease_seconds, skipped)
-                        for dest in destinations]
+            rows = queue.rows(report["uuid"], now) if queue is not None else []
+            if rows:
                 conn.execute(  # one statement for every destination: the columns as arrays
                     "INSERT INTO relays (uuid, destination, state, last_error, created, "
                     "next_attempt, lease_owner, lease_until) SELECT * FROM unnest("

@@ -27,15 +27,15 @@ import sqlite3
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .. import green
 from ..errors import StoreUnavailable
-from .base import STATES, Claim, StoreError, dumps, relay_row
+from . import green
+from .base import STATES, Claim, Enqueue, StoreError, dumps
 
 log = logging.getLogger(__name__)
 
@@ -371,23 +371,13 @@ class SQLiteStore:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def add(self, report: dict[str, Any], destinations: list[str], *,
-            lease_owner: str | None = None, lease_seconds: float = 0.0,
-            body: str | None = None,
-            skipped: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
-        """Store a report once by uuid and queue it for each destination, atomically.
-
-        With ``lease_owner`` the new relay rows start leased to it for ``lease_seconds``, so
-        the caller can attempt them at once without another process claiming them too.
-        ``body``: the report already encoded by ``dumps`` (the view answers with it).
-        ``skipped``: destinations (among ``destinations``) that will never get this report,
-        with the reason; their rows start final, so no second write records the skip.
-        """
+    def add(self, report: dict[str, Any], queue: Enqueue | None = None, *,
+            body: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Store a report once by uuid with its relay rows (``queue``), atomically; see
+        ``Reports.add``. Concurrent adds of one process share a commit."""
         now = time.time()
         uuid, body = report["uuid"], body or dumps(report)
-        relays = [relay_row(uuid, dest, now, lease_owner, lease_seconds, skipped)
-                  for dest in destinations]
-
+        relays = queue.rows(uuid, now) if queue is not None else []
         return self._grouped(None, (uuid, now, body, relays, report))
 
     def get(self, uuid: str) -> dict[str, Any] | None:

@@ -14,10 +14,10 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
-import random
 import re
 import signal
 import ssl
@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .. import __version__
+from .. import __version__, httpclient
 from ..config import LETS_ENCRYPT, check_hostname, split_listen
 from ..files import write_private
 
@@ -487,13 +487,13 @@ class AutoTLS:
 
 
 def retry_delays(check_interval: float) -> Iterator[float]:
-    """Back-off after failed renewals: a quarter check interval (at most 5 minutes),
-    doubling, capped at one check interval; +-10% jitter so retries do not align.
+    """Back-off after failed renewals (``tunnel_telemetry.httpclient.backoff``): a quarter check
+    interval (at most 5 minutes), doubling, capped at one check interval, less up to 20 % at
+    random so retries do not align.
     """
-    delay = max(1.0, min(300.0, check_interval / 4))
-    while True:
-        yield min(delay, check_interval) * random.uniform(0.9, 1.1)
-        delay *= 2
+    first = max(1.0, min(300.0, check_interval / 4))
+    for attempt in itertools.count():
+        yield httpclient.backoff(attempt, first, check_interval, jitter=0.2)
 
 
 def check_and_renew(tls: AutoTLS, check_interval: float) -> dict[str, Any]:

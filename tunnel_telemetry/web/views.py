@@ -17,10 +17,10 @@ from ..pipeline.outline import is_outline, translate
 from ..pipeline.scrub import scrub
 from ..pipeline.validate import parse_json, validate
 from ..protocol.schema import load_schema
-from ..relay.relay import MAX_BATCH, check_token, receive_batch
 from ..store import dumps
 from .limits import body_read
 from .proxy import ENVIRON_KEY
+from .relayed import MAX_BATCH, check_token, receive_batch
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def post_report() -> tuple[Response, int]:
                       config.collector_id)
     clean = scrub(enriched, config.allow_public_endpoint)
     text = dumps(clean)
-    stored, created = svc.store.add(clean, svc.relay.destinations(), body=text,
-                                    **svc.relay.add_options(clean))
+    stored, created = svc.store.add(clean, svc.relay.enqueue(clean), body=text)
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
     if created:  # the report as stored, encoded once, and the relay's fields (none of its keys)

@@ -1,10 +1,8 @@
-"""Cooperative concurrency: the collector's gunicorn worker runs requests as gevent greenlets.
-
-gunicorn's gevent worker monkey-patches the standard library right after the fork, so the
-request handlers, the relay's pools and its retry loop are greenlets of one OS thread per
-worker process. What gevent cannot make cooperative (SQLite's statements and the fsync of a
-COMMIT, flock) would stall every greenlet of the worker, so ``offload`` runs it in a real OS
-thread of gevent's thread pool while the others go on.
+"""The store's one concession to gevent: the collector's gunicorn worker runs requests as
+greenlets of one OS thread, and what gevent cannot make cooperative (SQLite's statements and
+the fsync of a COMMIT, flock; psycopg's C wait) would stall every greenlet of the worker, so
+``offload`` runs it in a real OS thread of gevent's thread pool while the others go on (the
+group commit's figures in docs/benchmarks.md depend on it).
 
 Code run by ``offload`` must not touch gevent objects (locks, events, log handlers made after
 patching): they belong to the hub's thread, and a real thread waiting on one hangs. Locks and
