@@ -156,6 +156,28 @@ def test_sni_and_override_values_are_never_kept(app_config):
         assert secret not in text
 
 
+def test_a_chain_ends_at_its_last_hop_and_hides_every_name(client):
+    data = body(TCP_FAILURE.replace(
+        "ss://REDACTED@proxy.example.net:9?prefix=POST+",
+        "ss://REDACTED@proxy.example.net:9|ss://REDACTED@exit.example.org:2").replace(
+        '"msg":"connection refused"', '"msg":"via PROXY.example.net. to exit.example.org: EOF"'))
+    report = post(client, data).get_json()
+    assert (report["proto"], report["endpoint_port"]) == ("ss", 2)
+    # Only the entry hop was dialled: its address says nothing of where the exit is.
+    assert (report["endpoint_asn"], report["endpoint_cc"]) == ("AS0", "ZZ")
+    assert report["config"]["chain"] == "ss|ss"
+    assert report["failure"]["msg"] == "via [scrubbed]. to [scrubbed]: EOF"
+
+
+def test_a_report_naming_too_many_hosts_loses_its_message_not_a_worker(client):
+    payload = json.loads(body(TCP_FAILURE))
+    payload["tcp_connections"] = [{"hostname": f"h{i}.example.net", "ip": "1.1.1.1"}
+                                  for i in range(200)]
+    payload["test"]["error"]["msg"] = "refused by h7.example.net " * 70
+    report = post(client, json.dumps(payload).encode()).get_json()
+    assert report["failure"] == {"op": "tcp.connect", "posix_error": "ECONNREFUSED"}
+
+
 def test_a_retry_is_stored_once(client, app):
     data = body(TCP_FAILURE)
     first, again = post(client, data), post(client, data)

@@ -31,6 +31,9 @@ SCHEMA = "outline-report.schema.json"
 # the best estimate there is, and far better than the 1 a missing rate would mean.
 SUCCESS_RATE = 0.1
 FAILURE_RATE = 1
+# The most host names and option values a report's error text is searched for (real reports
+# have a few; dns_queries and tcp_connections may hold hundreds).
+MAX_NAMES = 64
 # The endpoint's scheme when the transport names no proxy: the resolver was reached directly.
 DIRECT = "direct"
 
@@ -105,8 +108,10 @@ def translate(payload: Any, now: datetime, max_age: float, max_skew: float,
     failure: dict[str, str] | None = None
     if error is not None:
         failure = {"op": f"{proto}.{error['op']}"}
-        if error.get("msg"):
-            hidden = _names(payload, hops, endpoint)
+        hidden = _names(payload, hops, endpoint)
+        # Each name costs a pass over the text: a report naming more than any real one does
+        # loses its message rather than a worker's time.
+        if error.get("msg") and len(hidden) <= MAX_NAMES:
             failure["msg"] = scrub_text(_IP_PORT.sub(_bare_ip, error["msg"]), hidden)
         if error.get("posix_error"):
             failure["posix_error"] = error["posix_error"]
@@ -177,7 +182,8 @@ def geo_address(payload: dict[str, Any], endpoint: Endpoint) -> Endpoint:
 
 
 def _names(payload: dict[str, Any], hops: list[Hop], endpoint: Endpoint) -> tuple[str, ...]:
-    """Every host name, address and option value in the report: hidden in the error text."""
+    """Every host name and option value in the report: hidden in the error text. (IP
+    addresses are not listed: scrub_text replaces every address, however it is written.)"""
     found = {endpoint.host}
     for hop in hops:
         found.update(hop.values)
@@ -193,7 +199,7 @@ def _names(payload: dict[str, Any], hops: list[Hop], endpoint: Endpoint) -> tupl
     # Longest first, so a name is hidden whole before a shorter one inside it; no REDACTED
     # placeholders, numbers (ports) or words too short to be a name.
     return tuple(sorted((n for n in names if len(n) >= 3 and not n.isdigit()
-                         and n != "REDACTED"), key=len, reverse=True))
+                         and n != "REDACTED" and _ip(n) is None), key=len, reverse=True))
 
 
 def _bare_ip(match: re.Match[str]) -> str:
