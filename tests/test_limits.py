@@ -18,7 +18,7 @@ from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import free_port, wait_for
 from tunnel_telemetry.web import create_app
 from tunnel_telemetry.web.errors import status_of
-from tunnel_telemetry.web.limits import build_limits
+from tunnel_telemetry.web.limits import STORAGE_TIMEOUT, build_limits
 
 redis_server = pytest.fixture(scope="module")(redis_server_fixture)
 
@@ -137,6 +137,17 @@ def test_a_shared_storage_that_does_not_answer_lets_requests_in(scheme, caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "rate_limit_storage_unavailable" in warnings[0]
     assert_no_address(caplog.text)
+
+
+def test_a_hung_storage_costs_one_timeout_not_one_per_request():
+    with socket.socket() as hung:  # accepts connections (the kernel does), never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        url = f"redis://127.0.0.1:{hung.getsockname()[1]}"
+        limit = limits_for(rate_limit=60, rate_limit_burst=1, rate_limit_storage=url)
+        started = time.monotonic()
+        assert [refused(limit, address) for address in ADDRESSES * 2] == [None] * 6
+        assert time.monotonic() - started < STORAGE_TIMEOUT
 
 
 @pytest.mark.parametrize("options, message", [
@@ -293,9 +304,10 @@ def post_with(url, address, timeout=10):
 
 @pytest.mark.e2e
 def test_a_redis_rate_limit_is_shared_by_all_workers(tt_server, redis_server):
+    # socket_timeout: on a loaded machine a slow answer must not become a let-in.
     server = tt_server("--workers", "2", "--proxy-hops", "1", "--rate-limit", "2",
                        "--rate-limit-burst", "4", "--max-in-flight-per-client", "0", "--debug",
-                       "--rate-limit-storage", redis_server.url)
+                       "--rate-limit-storage", redis_server.url + "?socket_timeout=10")
 
     def send(address, results):
         results.append(post_with(server.url, address))

@@ -36,7 +36,8 @@ from ..errors import Busy
 
 log = logging.getLogger(__name__)
 
-STORAGE_TIMEOUT = 1.0  # seconds a shared storage may take to connect or answer (URL can override)
+STORAGE_TIMEOUT = 0.5  # seconds a shared storage may take to connect or answer (URL can override)
+SKIP_AFTER_FAILURE = 5.0  # seconds requests go in unchecked after the storage failed to answer
 WARN_EVERY = 60.0  # seconds between two warnings that the storage does not answer
 GLOBAL = ""  # the key of the whole process's in-flight count
 
@@ -108,6 +109,7 @@ class Limits:
         self.client_inflight = Slots(config.max_in_flight_per_client) \
             if config.max_in_flight_per_client else None
         self._warned = -WARN_EVERY
+        self._down_until = 0.0
 
     def client_key(self, ip: Any) -> str:
         """A keyed hash of the client address (an ``ipaddress`` object or text; IPv6: its /64),
@@ -132,7 +134,10 @@ class Limits:
             self._storage_failed()
 
     def _storage_failed(self) -> None:
+        """Let requests in unchecked for a while: a hung storage costs one timeout per
+        SKIP_AFTER_FAILURE, not one per request."""
         now = time.monotonic()
+        self._down_until = now + SKIP_AFTER_FAILURE
         if now - self._warned >= WARN_EVERY:
             self._warned = now
             log.warning("rate_limit_storage_unavailable: rate-limit-storage does not answer; "
@@ -140,6 +145,8 @@ class Limits:
 
     def _rate_wait(self, client: str) -> float:
         """0 when ``client`` may send one more request now (counted), else seconds to wait."""
+        if self._down_until and time.monotonic() < self._down_until:
+            return 0.0
         try:
             if self.limiter.hit(self.item, "report", client):
                 return 0.0
