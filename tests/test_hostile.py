@@ -405,7 +405,7 @@ ENDPOINT_CASES = [
     ("ss://xn--exmple-cua.org:443", 201, ""),
     ("ss://a b:443", 400, "protocol://address:port"),
     ("ss://1.1.1.1:443\n", 400, "protocol://address:port"),
-    ("SS://1.1.1.1:443", 400, "wrong format"),
+    ("SS://1.1.1.1:443", 400, "must be protocol://address:port"),
     ("ss://" + "a" * 64 + ".org:443", 400, "host name"),
     ("ss://" + "a." * 126 + "org:443", 400, "host name"),
     ("ss://" + "a." * 150 + "org:443", 400, "longer than 300"),
