@@ -15,7 +15,7 @@ from werkzeug.exceptions import NotFound
 
 from ..aggregate import build, parse_query
 from ..errors import ReportError
-from .plots import bar_chart, line_chart
+from .plots import bar_chart, legend, line_chart
 from .views import public_labels, services
 
 bp = Blueprint("aggregates", __name__, template_folder="templates")
@@ -105,13 +105,15 @@ def failing_networks(document: Mapping[str, Any],
 
 
 def reject_totals() -> dict[str, float] | None:
-    """Rejected reports by reason, from the Prometheus counters when this build has them."""
+    """Rejected requests by reason code since start, summed over the workers, from the
+    Prometheus counters (metrics-listen); None when metrics are off or not in this build."""
     try:
         from .. import metrics  # noqa: PLC0415 - optional: absent in builds without metrics
     except ImportError:
         return None
-    totals = getattr(metrics, "reject_totals", None)
-    return totals() if callable(totals) else None
+    if not metrics.enabled():
+        return None
+    return dict(metrics.totals().get("tt_reports_rejected_total", {}))
 
 
 @bp.get("/dashboard")
@@ -123,10 +125,12 @@ def dashboard() -> Response:
     document = build(svc.store, query, svc.config.aggregate_k)
     labels = [p["start"][:10] if query.period == "day" else p["start"][5:16].replace("T", " ")
               for p in document["periods"]]
-    charts = [line_chart(f"failure-{field}", f"Failure ratio per {name}", labels,
-                         ratio_series(document, field))
-              for field, name in (("client_cc", "country"), ("client_asn", "network"),
-                                  ("proto", "protocol"))]
+    charts = []
+    for field, name in (("client_cc", "country"), ("client_asn", "network"),
+                        ("proto", "protocol")):
+        series = ratio_series(document, field)
+        charts.append((f"Failure ratio per {name}", line_chart(
+            f"failure-{field}", f"Failure ratio per {name}", labels, series), legend(series)))
     bars = failing_networks(document)
     label = public_labels(svc.relay.destinations())
     backlog = {label(dest): row for dest, row in svc.store.backlog().items()}

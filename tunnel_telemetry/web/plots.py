@@ -66,6 +66,13 @@ def line_chart(name: str, title: str, labels: Sequence[str],
     return Markup("".join(parts))  # noqa: S704 - every text in it went through escape()
 
 
+def legend(series: dict[str, list[float | None]]) -> Markup:
+    """The colour of each series of a line chart, in its order."""
+    items = "".join(f'<li style="--c:{COLOURS[i % len(COLOURS)]}">{escape(label)}</li>'
+                    for i, label in enumerate(series))
+    return Markup(f'<ul class="legend">{items}</ul>')  # noqa: S704 - labels escaped
+
+
 def bar_chart(name: str, title: str, bars: Sequence[tuple[str, float, str]]) -> Markup:
     """Horizontal bars: (label, value, text shown beside the bar), longest first."""
     row, label_w, text_w = 26, 110, 150
