@@ -178,6 +178,23 @@ def test_document_has_every_period_and_no_report_text(store_url):
     assert document["periods"][0]["cells"] == [] and document["periods"][0]["reports"] == 0
 
 
+def test_cache_reads_a_closed_period_once(tmp_path):
+    url = f"sqlite:///{tmp_path}/reports.db"
+    store = open_store(url)
+    query = ag.parse_query({"from": "2026-12-04"}, NOW)
+    cache, fresh = ag.PeriodCache(), ag.PeriodCache(seconds=0)
+    try:
+        fill(store, url, 1, [report() for _ in range(10)])
+        first = ag.build(store, query, cache=cache)
+        fill(store, url, 1, [report() for _ in range(10)])
+        assert ag.build(store, query, cache=cache) == first
+        assert ag.build(store, query, cache=fresh)["periods"][1]["reports"] == 20
+        assert ag.build(store, query) == ag.build(store, query, cache=fresh)
+    finally:
+        store.close()
+    assert first["periods"][1]["reports"] == 10
+
+
 # -- HTTP and CLI ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ DEFAULT_SPAN = {"hour": 48, "day": 30}  # periods shown when ``from`` is not giv
 MAX_PERIODS = 1000
 DEFAULT_K = 10
 ROUND_TO = 10
+CLOSE_GRACE = 60  # seconds after its end before a period counts as closed (clock skew)
 LEVELS = ("network", "country", "all")
 CELL_FIELDS = ("level", "client_cc", "client_asn", "proto", "endpoint_asn", "endpoint_cc",
                "outcome", "op", "posix_error", "count", "weighted")
@@ -143,7 +146,8 @@ def parse_query(args: Mapping[str, Any], now: float) -> Query:
     """``from``, ``to``, ``period`` (hour or day) -> Query; ReportError (400) when bad.
 
     ``from`` is rounded down and ``to`` up to period boundaries; ``to`` stops at the current
-    period, which is still open (its counts change with every report: never published).
+    period, which is still open (its counts change with every report: never published), and
+    a period closes CLOSE_GRACE seconds after its end.
     """
     unknown = sorted(set(args) - {"from", "to", "period"})
     if unknown:
@@ -152,7 +156,7 @@ def parse_query(args: Mapping[str, Any], now: float) -> Query:
     if period not in PERIODS:
         raise _bad("period", "must be hour or day")
     width = PERIODS[period]
-    closed = int(now // width) * width
+    closed = int((now - CLOSE_GRACE) // width) * width
     end = closed
     if args.get("to"):
         to = _moment("to", str(args["to"]))
@@ -167,15 +171,47 @@ def parse_query(args: Mapping[str, Any], now: float) -> Query:
     return Query(start, end, period)
 
 
-def build(store: Any, query: Query, k: int = DEFAULT_K) -> dict[str, Any]:
-    """The aggregate document of ``query`` from ``store`` (docs/aggregates.md)."""
-    width = query.width
-    by_period: dict[int, dict[Key, list[float]]] = {}
-    for row in store.aggregate(query.start, query.end, width):
+def cells_of(store: Any, start: int, end: int, width: int) -> dict[int, dict[Key, list[float]]]:
+    """Exact counts per period and cell (not yet folded), from ``store.aggregate``."""
+    by_period: dict[int, dict[Key, list[float]]] = {s: {} for s in range(start, end, width)}
+    for row in store.aggregate(start, end, width):
         cells = by_period.setdefault(int(row[0]), {})
         into = cells.setdefault(clean_key(row), [0, 0.0])
         into[0] += row[9]
         into[1] += float(row[10])
+    return by_period
+
+
+class PeriodCache:
+    """Closed periods' exact cells, kept by one process: a closed period's reports do not
+    change (new reports are received now), so each is read from the store once, for at most
+    ``seconds`` (a retention purge of old reports shows after that), ``size`` periods at most."""
+
+    def __init__(self, seconds: float = 6 * 3600, size: int = 5000) -> None:
+        self.seconds, self.size = seconds, size
+        self._periods: dict[tuple[int, int], tuple[float, dict[Key, list[float]]]] = {}
+
+    def cells(self, store: Any, query: Query) -> dict[int, dict[Key, list[float]]]:
+        now, width = time.monotonic(), query.width
+        starts = range(query.start, query.end, width)
+        missing = [s for s in starts
+                   if now - self._periods.get((width, s), (-math.inf, None))[0] > self.seconds]
+        if missing:
+            for start, cells in cells_of(store, missing[0], missing[-1] + width, width).items():
+                self._periods.pop((width, start), None)
+                self._periods[(width, start)] = (now, cells)
+            while len(self._periods) > self.size:  # the oldest read first
+                del self._periods[next(iter(self._periods))]
+        return {s: self._periods[(width, s)][1] if (width, s) in self._periods
+                else cells_of(store, s, s + width, width)[s] for s in starts}
+
+
+def build(store: Any, query: Query, k: int = DEFAULT_K,
+          cache: PeriodCache | None = None) -> dict[str, Any]:
+    """The aggregate document of ``query`` from ``store`` (docs/aggregates.md)."""
+    width = query.width
+    by_period = (cache.cells(store, query) if cache is not None
+                 else cells_of(store, query.start, query.end, width))
     periods = []
     for start in range(query.start, query.end, width):
         cells = by_period.get(start, {})

@@ -77,11 +77,12 @@ CREATE INDEX reports_received ON reports (received);
 """),
 )
 
-# AGGREGATE_COLUMNS (store/base.py); the weight is 1/sampling_rate when it is a usable rate.
+# AGGREGATE_COLUMNS (store/base.py): a report whose failure has an op failed; its weight is
+# 1/sampling_rate for a rate in (0, 1], else 1.
 POSTGRES_AGGREGATE = """
 SELECT (floor(received / %(width)s) * %(width)s)::bigint AS period,
   body->>'client_cc', body->>'client_asn', body->>'proto', body->>'endpoint_asn',
-  body->>'endpoint_cc', COALESCE(jsonb_typeof(body->'failure'), 'null') <> 'null',
+  body->>'endpoint_cc', body->'failure'->>'op' IS NOT NULL,
   body->'failure'->>'op', body->'failure'->>'posix_error',
   COUNT(*),
   SUM(CASE WHEN jsonb_typeof(body->'sampling_rate') = 'number' THEN  -- CASE: cast after the test

@@ -10,15 +10,17 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import NotFound
 
-from ..aggregate import build, parse_query
+from ..aggregate import PeriodCache, build, parse_query
 from ..errors import ReportError
 from .plots import bar_chart, legend, line_chart
 from .views import public_labels, services
 
 bp = Blueprint("aggregates", __name__, template_folder="templates")
+CACHE_KEY = "tunnel_telemetry.aggregates"
+bp.record_once(lambda state: state.app.extensions.setdefault(CACHE_KEY, PeriodCache()))
 
 TOP_SERIES = 6
 TOP_BARS = 10
@@ -38,7 +40,8 @@ def get_aggregates() -> Response:
     closes, and the caching headers say so."""
     now = time.time()
     query = parse_query(request.args, now)
-    document = build(services().store, query, services().config.aggregate_k)
+    document = build(services().store, query, services().config.aggregate_k,
+                     current_app.extensions[CACHE_KEY])
     response = jsonify(document)
     next_close = query.end + query.width
     closed_range = query.end < int(now // query.width) * query.width
@@ -122,7 +125,7 @@ def dashboard() -> Response:
     check_operator(request.headers.get("Authorization"), svc.config.dashboard_token)
     args = {"period": request.args.get("period") or "day"}
     query = parse_query(args, time.time())
-    document = build(svc.store, query, svc.config.aggregate_k)
+    document = build(svc.store, query, svc.config.aggregate_k, current_app.extensions[CACHE_KEY])
     labels = [p["start"][:10] if query.period == "day" else p["start"][5:16].replace("T", " ")
               for p in document["periods"]]
     charts = []
