@@ -56,6 +56,8 @@ ROW = (T0, "DE", "AS3320", "ss", "AS13335", "US", 1, "connect", "ECONNREFUSED", 
     (1, "de", "ZZ"), (1, "1.2.3.4", "ZZ"), (2, "AS01", "AS0"), (2, "secret.example", "AS0"),
     (3, "vless", "vless"), (3, "a.b", "other"), (3, "x" * 17, "other"),
     (7, "tcp-connect", "tcp-connect"), (7, "dial 1.1.1.77:443", "other"),
+    (7, "tcp.connect", "tcp.connect"), (7, "udp.receive", "udp.receive"),
+    (7, "example.org", "other"), (7, "tcp.connect.example", "other"),
     (7, "proxy.example.org", "other"), (7, str(uuid.uuid4()), "other"),
     (8, "ETIMEDOUT", "ETIMEDOUT"), (8, "refused by 1.1.1.77", "other"), (8, None, None),
 ])

@@ -40,7 +40,9 @@ PERIOD_FIELDS = ("start", "end", "reports", "folded", "suppressed")
 _CC = re.compile(r"[A-Z]{2}")
 _ASN = re.compile(r"AS(?:0|[1-9][0-9]{0,9})")
 _PROTO = re.compile(r"[a-z][a-z0-9+-]{0,15}")
-_OP = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# outline-sdk's operations come qualified by their transport (tcp.connect, udp.send): a dot
+# only there, so that a host name does not pass for an operation.
+_OP = re.compile(r"(?:tcp\.|udp\.)?[a-z][a-z0-9_-]{0,31}")
 _ERRNO = re.compile(r"E[A-Z0-9]{1,31}")
 # (client_cc, client_asn, proto, endpoint_asn, endpoint_cc, outcome, op, posix_error)
 Key = tuple[str | None, ...]
