@@ -107,6 +107,11 @@ def translate(payload: Any, now: datetime, max_age: float, max_skew: float,
     error = test.get("error")
     failure: dict[str, str] | None = None
     if error is not None:
+        for field in ("msg", "posix_error"):
+            if "\x00" in error.get(field, ""):
+                raise ReportError("nul_character", "the report contains a NUL character "
+                                  "(\\u0000)", [{"path": f"$.test.error.{field}",
+                                                  "message": "must not contain NUL characters"}])
         failure = {"op": f"{proto}.{error['op']}"}
         hidden = _names(payload, hops, endpoint)
         # Each name costs a pass over the text: a report naming more than any real one does
