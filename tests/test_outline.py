@@ -79,6 +79,7 @@ def test_tcp_failure(client, app):
     resp = post(client, body(TCP_FAILURE))
     assert resp.status_code == 201, resp.get_data(as_text=True)
     report = resp.get_json()
+    assert schema_errors(report, "relayed-report.schema.json") == []  # secondaries take it
     assert list(report) == STORED_FIELDS
     assert (report["proto"], report["endpoint_port"]) == ("ss", 9)
     # The name is geolocated by the IP the client dialled (1.1.1.1 in the tcp_connections).
@@ -97,6 +98,7 @@ def test_udp_failure_hides_the_local_address(client):
     resp = post(client, body(UDP_FAILURE))
     assert resp.status_code == 201, resp.get_data(as_text=True)
     report = resp.get_json()
+    assert schema_errors(report, "relayed-report.schema.json") == []  # secondaries take it
     assert (report["proto"], report["endpoint_port"]) == ("ss", 8388)
     # No TCP connection over UDP: the DNS answer for the name is what was dialled.
     assert (report["endpoint_asn"], report["endpoint_cc"]) == ("AS64500", "DE")
@@ -113,6 +115,7 @@ def test_direct_success(client):
     resp = post(client, body(DIRECT_SUCCESS))
     assert resp.status_code == 201, resp.get_data(as_text=True)
     report = resp.get_json()
+    assert schema_errors(report, "relayed-report.schema.json") == []  # secondaries take it
     # The direct case: the resolver is the endpoint, scheme "direct", no chain.
     assert (report["proto"], report["endpoint_port"]) == ("direct", 53)
     assert (report["endpoint_asn"], report["endpoint_cc"]) == ("AS666", "US")
