@@ -16,7 +16,6 @@ from tunnel_telemetry.pipeline.outline import derive_uuid, parse_transport
 from tunnel_telemetry.protocol.schema import fast_check, load_schema, schema_errors
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import TTServer
 from tunnel_telemetry.web import create_app
 
 STORED_FIELDS = ["report-type", "uuid", "time", "t_received", "collector_id", "proto",
@@ -292,16 +291,16 @@ def test_schema_is_published_and_both_validators_agree(client):
 
 # End to end: the real server, the real relay to a (fake) OONI, every file and log searched.
 
-@pytest.fixture(scope="module")
-def collector(tmp_path_factory, geo_dbs):
+@pytest.fixture
+def collector(tt_server, geo_dbs, tmp_path):
+    """A real tt-server (2 workers, geo databases, one trusted proxy, debug logs) relaying to a
+    fake OONI."""
     country, asn = geo_dbs
-    workdir = tmp_path_factory.mktemp("outline")
-    with FakeOONI() as fake, TTServer(workdir, [
-            "--workers", "2", "--proxy-hops", "1", "--debug", "--collector-id", "outline-e2e",
-            "--geoip-country-db", str(country), "--geoip-asn-db", str(asn),
-            "--ooni-relay", "--ooni-api", fake.url,
-            "--database-url", f"sqlite:///{workdir}/reports.db"]) as server:
-        yield server, fake
+    with FakeOONI() as fake:
+        yield tt_server("--workers", "2", "--proxy-hops", "1", "--debug",
+                        "--collector-id", "outline-e2e", "--geoip-country-db", str(country),
+                        "--geoip-asn-db", str(asn), "--ooni-relay", "--ooni-api", fake.url,
+                        "--database-url", f"sqlite:///{tmp_path}/server/reports.db"), fake
 
 
 def send(server, data, client=CLIENT):
