@@ -171,9 +171,11 @@ def test_bad_limit_options(options, message):
 
 
 @pytest.mark.parametrize("url", ["redis://:hunter2secret@cache:notaport/0",
-                                 "ftp://user:hunter2secret@cache/"])
-def test_a_bad_storage_url_exits_2_with_one_line_and_no_password(runner, url):
-    result = runner.invoke(main, ["--rate-limit-storage", url], env={"CONFIG": ""})
+                                 "ftp://user:hunter2secret@cache/",
+                                 "redis+sentinel://:hunter2secret@cache:26379"])  # no service
+def test_a_bad_storage_url_exits_2_with_one_line_and_no_password(runner, tmp_path, url):
+    result = runner.invoke(main, ["--rate-limit-storage", url, "--database-url",
+                                  f"sqlite:///{tmp_path}/reports.db"], env={"CONFIG": ""})
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("tt-server: error: rate-limit-storage")

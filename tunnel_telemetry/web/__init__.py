@@ -78,11 +78,11 @@ def create_app(config: Any = None) -> Any:
     setup_logging(config.debug)
 
     store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
+    limits = build_limits(config)  # in the master: its client-hash key is every worker's
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
     prepare_schema()
     prepare_schema(OUTLINE_SCHEMA)
     relay = build_relay(config, store)
-    limits = build_limits(config)  # in the master: its client-hash key is every worker's
 
     class CollectorApp(Flask):
         def ensure_sync(self, func: Any) -> Any:
