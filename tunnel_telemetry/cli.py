@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -244,6 +246,136 @@ def aggregate_command(ctx: click.Context, start: str | None, end: str | None, pe
     else:
         for line in to_json_lines(document):
             click.echo(line)
+
+def _command_config(ctx: click.Context, config_path: str | None, flags: dict[str, Any]) -> Any:
+    """A subcommand's configuration: the group's options, then its own (given after it)."""
+    group_path, group_flags = ctx.meta.get("tt_server_flags", (None, {}))
+    merged = {**{k: v for k, v in group_flags.items() if v is not None and v != ()},
+              **{k: v for k, v in flags.items() if v is not None and v != ()}}
+    return config_from_flags(config_path or group_path, merged)
+
+
+def _open_store(config: Any) -> Any:
+    from .store import StoreError, open_store
+
+    try:
+        return open_store(config.database_url)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def _parsed(parse: Callable[[str], Any], name: str) -> Callable:
+    def convert(ctx: click.Context, param: Any, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param, name) from None
+    return convert
+
+
+def _when(value: str) -> float:
+    from .export import parse_when
+
+    return parse_when(value)
+
+
+def _asn(value: str) -> str:
+    from .export import asn
+
+    return asn(value)
+
+
+def _cc(value: str) -> str:
+    from .export import country
+
+    return country(value)
+
+
+@main.command("export")
+@server_options
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              show_default=True, help="JSON lines (one report a line) or CSV with a header.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="Write here instead of standard output.")
+@click.option("--since", callback=_parsed(_when, "--since"), metavar="WHEN",
+              help="Received at or after WHEN: RFC 3339 time, YYYY-MM-DD (UTC) or a "
+                   "duration ago (24h, 7d).")
+@click.option("--until", callback=_parsed(_when, "--until"), metavar="WHEN",
+              help="Received before WHEN (same forms as --since).")
+@click.option("--client-cc", callback=_parsed(_cc, "--client-cc"), metavar="CC",
+              help="Only clients in this country (two letters; ZZ: unknown).")
+@click.option("--client-asn", callback=_parsed(_asn, "--client-asn"), metavar="ASN",
+              help="Only clients in this network (AS13335 or 13335; AS0: unknown).")
+@click.option("--proto", metavar="PROTO", help="Only this endpoint protocol (ss, https ...).")
+@click.option("--endpoint-asn", callback=_parsed(_asn, "--endpoint-asn"), metavar="ASN",
+              help="Only endpoints in this network.")
+@click.option("--failed/--succeeded", "failed", default=None,
+              help="Only failed connections (a failure) / only successful ones [default: both].")
+@click.pass_context
+def export_command(ctx: click.Context, fmt: str, output: str, since: float | None,
+                   until: float | None, client_cc: str | None, client_asn: str | None,
+                   proto: str | None, endpoint_asn: str | None, failed: bool | None,
+                   config_path: str | None, **flags: Any) -> None:
+    """Write the stored reports, oldest first, as JSON lines (default) or CSV.
+
+    Streams: any number of reports in constant memory; the same output from SQLite and
+    PostgreSQL. Filters combine (all must match).
+    """
+    from .export import write
+    from .store import ExportFilter
+
+    config = _command_config(ctx, config_path, flags)
+    store = _open_store(config)
+    filters = ExportFilter(since=since, until=until, client_cc=client_cc, client_asn=client_asn,
+                           proto=proto.lower() if proto else None, endpoint_asn=endpoint_asn,
+                           failed=failed)
+    try:
+        with (contextlib.nullcontext(sys.stdout) if output == "-"
+              else open(output, "w", encoding="utf-8", newline="")) as out:
+            count = write(store.export(filters), out, fmt)
+    except BrokenPipeError:  # | head: the reader has all it wanted
+        sys.stderr.close()
+        sys.exit(0)
+    finally:
+        store.close()
+    if output != "-":
+        click.echo(f"{count} reports written to {output}", err=True)
+
+
+@main.command("purge")
+@server_options
+@click.option("--older-than", "older_than", required=True, metavar="DURATION",
+              callback=_parsed(lambda v: _duration(v), "--older-than"),
+              help="Delete reports received longer ago than this (e.g. 180d, 12h).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.pass_context
+def purge_command(ctx: click.Context, older_than: float, dry_run: bool,
+                  config_path: str | None, **flags: Any) -> None:
+    """Delete old reports now (the server does it by itself, see retention).
+
+    Reports still waiting to be relayed are kept, whatever their age. Safe to run while
+    tt-server runs.
+    """
+    from .housekeeping import purge
+
+    config = _command_config(ctx, config_path, flags)
+    store = _open_store(config)
+    try:
+        count = purge(store, time.time() - older_than, dry_run=dry_run)
+    finally:
+        store.close()
+    click.echo(f"{count} reports {'would be' if dry_run else ''} deleted".replace("  ", " "))
+
+
+def _duration(value: str) -> float:
+    from .config import parse_duration
+
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
 
 
 if __name__ == "__main__":

@@ -259,6 +259,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("dashboard-token", "str", None,
            "Operator token for /dashboard (HTTP Basic password or Bearer token; none: the "
            "dashboard is off).", secret=True),
+    Option("metrics-listen", "str", None,
+           "Serve Prometheus metrics on this HOST:PORT (e.g. 127.0.0.1:9100), apart from the "
+           "public listen address; unset: no metrics (docs/operations.md)."),
+    Option("retention", "duration", 180 * 86400.0,
+           "Delete stored reports received longer ago than this (e.g. 180d), except those "
+           "still waiting to be relayed (0: keep forever)."),
+    Option("purge-interval", "duration", 3600.0,
+           "How often the retention purge runs (one process of the collector does it)."),
 )
 
 OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -440,6 +448,12 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("relay-batch: must be between 1 and 100")
     if not 1 <= config.relay_concurrency <= 256:
         raise ConfigError("relay-concurrency: must be between 1 and 256")
+    if not 1 <= config.purge_interval <= 7 * 86400:
+        raise ConfigError("purge-interval: must be between 1s and 7d")
+    if config.metrics_listen is not None:
+        host, port = split_listen(config.metrics_listen, "metrics-listen")
+        config = dataclasses.replace(config, metrics_listen=f"{host}:{port}" if ":" not in host
+                                     else f"[{host}]:{port}")
     listen = config.listen
     if listen is None:
         if config.autotls:
@@ -449,6 +463,8 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         else:
             listen = ":8080"
     host, port = split_listen(listen)
+    if config.metrics_listen is not None and split_listen(config.metrics_listen)[1] == port:
+        raise ConfigError("metrics-listen: must not be the public listen port")
     return dataclasses.replace(config, listen=f"{host}:{port}" if ":" not in host
                                else f"[{host}]:{port}")
 
@@ -489,15 +505,15 @@ def check_hostname(hostname: str) -> str:
     return name
 
 
-def split_listen(listen: str) -> tuple[str, int]:
+def split_listen(listen: str, option: str = "listen") -> tuple[str, int]:
     """Split HOST:PORT, :PORT or [V6]:PORT; an empty host means all interfaces."""
     match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):(\d{1,5})", listen.strip())
     if not match:
-        raise ConfigError(f"listen: expected HOST:PORT or :PORT, got {listen!r}")
+        raise ConfigError(f"{option}: expected HOST:PORT or :PORT, got {listen!r}")
     host = match.group(1) or match.group(2) or "0.0.0.0"  # noqa: S104 - a server binds all
     port = int(match.group(3))
     if not 0 < port < 65536:
-        raise ConfigError(f"listen: port out of range in {listen!r}")
+        raise ConfigError(f"{option}: port out of range in {listen!r}")
     return host, port
 
 

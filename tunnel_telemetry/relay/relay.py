@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import httpclient
+from .. import httpclient, metrics
 from ..store.base import Enqueue, RelayQueue
 from .first_attempt import INFLIGHT_PER_THREAD, SYNC_LEASE_MARGIN, FirstAttempt
 from .loop import RetryLoop
@@ -195,6 +195,7 @@ class Relay(FirstAttempt, RetryLoop):
                                    report_fields=ps.senders[dest].report_fields(outcome))
         else:
             ok = self.store.finish(uuid, dest, ps.owner, outcome.state, error=outcome.describe())
+        metrics.relay_outcome(dest, outcome.state)
         level = logging.DEBUG if outcome.state in (DELIVERED, SKIPPED) else logging.WARNING
         log.log(level, "relay %s: %s (%s)", dest, outcome.state, outcome.describe())
         if not ok:

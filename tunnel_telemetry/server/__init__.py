@@ -12,6 +12,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
+from .. import metrics
 from ..logs import REDACTED_ATTR, RedactingFilter
 from ..pipeline.scrub import scrub_text
 
@@ -178,6 +179,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "on_reload": on_reload,
+        "child_exit": metrics.child_exit,  # a dead worker's metric files (multiprocess mode)
         "proc_name": "tt-server",
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .base import STATES, Claim, Enqueue, RelayQueue, Reports, Store, StoreError, dumps
+from .base import (
+    STATES,
+    Claim,
+    Enqueue,
+    ExportFilter,
+    RelayQueue,
+    Reports,
+    Store,
+    StoreError,
+    dumps,
+)
 from .sqlite import SQLiteStore, sqlite_options, sqlite_path
 
-__all__ = ["STATES", "Claim", "Enqueue", "RelayQueue", "Reports", "SQLiteStore", "Store",
-           "StoreError", "dumps", "open_store"]
+__all__ = ["STATES", "Claim", "Enqueue", "ExportFilter", "RelayQueue", "Reports", "SQLiteStore",
+           "Store", "StoreError", "dumps", "open_store"]
 
 
 def open_store(url: str) -> Store:

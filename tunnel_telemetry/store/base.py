@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,6 +16,25 @@ AGGREGATE_COLUMNS = ("period", "client_cc", "client_asn", "proto", "endpoint_asn
 
 class StoreError(Exception):
     """A store that cannot be opened; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ExportFilter:
+    """Which stored reports ``export`` yields: received in [since, until) (Unix time), and
+    fields equal to the given values; ``failed`` True: only failures, False: only successes."""
+
+    since: float | None = None
+    until: float | None = None
+    client_cc: str | None = None
+    client_asn: str | None = None
+    proto: str | None = None
+    endpoint_asn: str | None = None
+    failed: bool | None = None
+
+    def fields(self) -> list[tuple[str, str]]:
+        """(report key, value) pairs that must match exactly."""
+        return [(key, value) for key in ("client_cc", "client_asn", "proto", "endpoint_asn")
+                if (value := getattr(self, key)) is not None]
 
 
 class Reports(Protocol):
@@ -39,6 +58,12 @@ class Reports(Protocol):
     def count(self) -> int: ...
 
     def aggregate(self, start: float, end: float, width: int) -> list[tuple]: ...
+
+    def export(self, filters: ExportFilter) -> Iterator[dict[str, Any]]: ...
+
+    def purge(self, before: float, limit: int) -> int: ...
+
+    def purgeable(self, before: float) -> int: ...
 
     def ping(self) -> bool: ...
 

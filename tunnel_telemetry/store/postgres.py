@@ -30,7 +30,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ReportError, StoreUnavailable
 from . import green
-from .base import STATES, Claim, Enqueue, StoreError, dumps
+from .base import STATES, Claim, Enqueue, ExportFilter, StoreError, dumps
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +439,53 @@ class PostgresStore:
         """Reports received in [start, end) counted per cell (``AGGREGATE_COLUMNS``): periods
         of ``width`` seconds from the epoch (UTC hours, days), grouped by PostgreSQL."""
         return self._read(POSTGRES_AGGREGATE, {"width": width, "start": start, "end": end})
+
+    def export(self, filters: ExportFilter) -> Iterator[dict[str, Any]]:
+        """The stored reports matching ``filters``, oldest first, through a server-side
+        cursor (constant memory, whatever the table's size)."""
+        where, params = [sql.SQL("TRUE")], []
+        if filters.since is not None:
+            where.append(sql.SQL("received >= %s"))
+            params.append(filters.since)
+        if filters.until is not None:
+            where.append(sql.SQL("received < %s"))
+            params.append(filters.until)
+        for key, value in filters.fields():
+            where.append(sql.SQL("body ->> {} = %s").format(sql.Literal(key)))
+            params.append(value)
+        if filters.failed is not None:
+            where.append(sql.SQL("jsonb_typeof(body -> 'failure') IS {} DISTINCT FROM 'object'")
+                         .format(sql.SQL("NOT" if filters.failed else "")))
+        query = sql.SQL("SELECT body FROM reports WHERE {} ORDER BY received, uuid").format(
+            sql.SQL(" AND ").join(where))
+        with self._tx() as conn, conn.cursor(name="tt_export") as cursor:
+            cursor.itersize = 500
+            cursor.execute(query, params)
+            yield from (row[0] for row in cursor)
+
+    def purge(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` reports received before ``before`` with no relay pending
+        (oldest first), with their relay rows, in one transaction; how many.
+
+        The candidates' relay rows are locked before the delete re-checks them: a relay put
+        back in the queue meanwhile (``requeue``) keeps its report."""
+        with self._tx() as conn:
+            uuids = [row[0] for row in conn.execute(
+                "SELECT uuid FROM reports p WHERE received < %s AND NOT EXISTS (SELECT 1 FROM "
+                "relays r WHERE r.uuid = p.uuid AND r.state = 'pending') "
+                "ORDER BY received LIMIT %s FOR UPDATE SKIP LOCKED", (before, limit))]
+            if not uuids:
+                return 0
+            conn.execute("SELECT 1 FROM relays WHERE uuid = ANY(%s) FOR UPDATE", (uuids,))
+            return conn.execute(
+                "DELETE FROM reports p WHERE uuid = ANY(%s) AND NOT EXISTS (SELECT 1 FROM "
+                "relays r WHERE r.uuid = p.uuid AND r.state = 'pending')", (uuids,)).rowcount
+
+    def purgeable(self, before: float) -> int:
+        """How many reports ``purge`` would delete (all batches)."""
+        return self._read(
+            "SELECT COUNT(*) FROM reports p WHERE received < %s AND NOT EXISTS (SELECT 1 FROM "
+            "relays r WHERE r.uuid = p.uuid AND r.state = 'pending')", (before,))[0][0]
 
     def ping(self) -> bool:
         try:

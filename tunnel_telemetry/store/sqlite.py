@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..errors import StoreUnavailable
 from . import green
-from .base import STATES, Claim, Enqueue, StoreError, dumps
+from .base import STATES, Claim, Enqueue, ExportFilter, StoreError, dumps
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ CREATE TABLE IF NOT EXISTS relays (
 CREATE INDEX IF NOT EXISTS relays_due ON relays (destination, state, next_attempt);
 -- claim() walks pending relays oldest first and stops at its LIMIT (no sort of the backlog).
 CREATE INDEX IF NOT EXISTS relays_oldest ON relays (destination, state, created);
--- aggregate() reads the reports of a time range (docs/aggregates.md).
+-- aggregate() reads the reports of a time range (docs/aggregates.md), the retention purge
+-- and export walk them by age.
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
 """
 
@@ -531,6 +532,53 @@ class SQLiteStore:
         of ``width`` seconds from the epoch (UTC hours, days), grouped by SQLite."""
         return _aggregate_rows(
             self._conn.execute(SQLITE_AGGREGATE, (width, width, start, end)).fetchall())
+
+    def export(self, filters: ExportFilter) -> Iterator[dict[str, Any]]:
+        """The stored reports matching ``filters``, oldest first, read row by row (its own
+        connection: constant memory, whatever the table's size)."""
+        where, params = ["1"], []
+        if filters.since is not None:
+            where.append("received >= ?")
+            params.append(filters.since)
+        if filters.until is not None:
+            where.append("received < ?")
+            params.append(filters.until)
+        for key, value in filters.fields():
+            where.append(f"json_extract(body, '$.{key}') = ?")
+            params.append(value)
+        if filters.failed is not None:
+            where.append("json_type(body, '$.failure') " +
+                         ("= 'object'" if filters.failed else "IS NOT 'object'"))
+        conn = self._connect()
+        try:
+            cursor = conn.execute("SELECT body FROM reports WHERE "  # noqa: S608 - fixed parts
+                                  + " AND ".join(where) + " ORDER BY received, uuid", params)
+            for (body,) in cursor:
+                yield json.loads(body)
+        finally:
+            conn.close()
+
+    def purge(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` reports received before ``before`` with no relay pending
+        (oldest first), with their relay rows, in one transaction; how many."""
+
+        def delete(conn: sqlite3.Connection) -> int:
+            uuids = json.dumps([row[0] for row in conn.execute(
+                "SELECT uuid FROM reports p WHERE received < ? AND NOT EXISTS (SELECT 1 FROM "
+                "relays r WHERE r.uuid = p.uuid AND r.state = 'pending') "
+                "ORDER BY received LIMIT ?", (before, limit))])
+            conn.execute("DELETE FROM relays WHERE uuid IN (SELECT value FROM json_each(?))",
+                         (uuids,))
+            return conn.execute("DELETE FROM reports WHERE uuid IN "
+                                "(SELECT value FROM json_each(?))", (uuids,)).rowcount
+
+        return self._write(delete)
+
+    def purgeable(self, before: float) -> int:
+        """How many reports ``purge`` would delete (all batches)."""
+        return self._conn.execute(
+            "SELECT COUNT(*) FROM reports p WHERE received < ? AND NOT EXISTS (SELECT 1 FROM "
+            "relays r WHERE r.uuid = p.uuid AND r.state = 'pending')", (before,)).fetchone()[0]
 
     def ping(self) -> bool:
         """Whether the database at ``path`` answers and its disk has ``min_free_mb`` left; a

@@ -24,14 +24,17 @@ class Services:
     started_pid: int | None = None
     limits: Any = None
     report_id_key: bytes = b""  # derives the uuid of a report that has none (pipeline/outline)
+    housekeeping: Any = None  # the leader's work: metrics, retention purge (housekeeping.py)
 
     def start(self) -> None:
         """Start background work in this process (after gunicorn's fork); idempotent."""
         if self.started_pid != os.getpid():
             self.started_pid = os.getpid()
             self.relay.start()
+            self.housekeeping.start()
 
     def close(self) -> None:
+        self.housekeeping.close()
         self.relay.close()
         self.store.close()
         self.geo.close()
@@ -57,7 +60,9 @@ def create_app(config: Any = None) -> Any:
     """Build the Flask app. ``config``: a Config, a mapping of option names, or None (env/file)."""
     from flask import Flask
 
+    from .. import metrics
     from ..config import Config, load_config
+    from ..housekeeping import Housekeeping, run_directory
     from ..logs import setup_logging
     from ..pipeline.geo import open_geo
     from ..pipeline.outline import SCHEMA as OUTLINE_SCHEMA
@@ -79,10 +84,14 @@ def create_app(config: Any = None) -> Any:
 
     store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
     limits = build_limits(config)  # in the master: its client-hash key is every worker's
+
+    run_dir = run_directory()  # the leader lock, the metrics' files: made before the fork
+    metrics.setup(config.metrics_listen, os.path.join(run_dir, "metrics"))
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
     prepare_schema()
     prepare_schema(OUTLINE_SCHEMA)
     relay = build_relay(config, store)
+    metrics.set_destinations(relay.destinations())
 
     class CollectorApp(Flask):
         def ensure_sync(self, func: Any) -> Any:
@@ -97,9 +106,11 @@ def create_app(config: Any = None) -> Any:
     app.json.ensure_ascii = False
     app.extensions["tunnel_telemetry"] = Services(
         config, geo, store, relay, git_commit(), limits=limits,
-        report_id_key=(config.report_id_key or "").encode() or os.urandom(32))
+        report_id_key=(config.report_id_key or "").encode() or os.urandom(32),
+        housekeeping=Housekeeping(config, store, geo, run_dir))
     app.register_blueprint(bp)
     app.register_blueprint(aggregates_bp)
+    metrics.init_app(app)  # before the limits: a refused request is timed too
     init_limits(app, limits)
 
     @app.before_request

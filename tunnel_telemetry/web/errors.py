@@ -8,6 +8,7 @@ import math
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from .. import metrics
 from ..errors import Busy, CollectorError, ReportError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,14 @@ def register(app: Flask) -> None:
     @app.errorhandler(CollectorError)
     def _collector_error(exc: CollectorError) -> Response:
         log.info("rejected: %s", exc.code)
+        metrics.rejected(exc.code)
         return answer(exc)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
+        if code == 413:  # werkzeug's own limit (MAX_CONTENT_LENGTH)
+            metrics.rejected("too_large")
         reason = {413: "the report is too large"}.get(code, exc.name.lower())
         response = jsonify(error_body(reason))
         response.status_code = code

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .. import __version__
+from .. import __version__, metrics
 from ..errors import ReportError
 from ..pipeline.enrich import enrich
 from ..pipeline.outline import SCHEMA as OUTLINE_SCHEMA
@@ -100,8 +100,11 @@ def post_report() -> tuple[Response, int]:
     enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
                       config.collector_id)
     clean = scrub(enriched, config.allow_public_endpoint)
+    metrics.scrubbed(enriched, clean)
     text = dumps(clean)
-    stored, created = svc.store.add(clean, svc.relay.enqueue(clean), body=text)
+    with metrics.store_commit():
+        stored, created = svc.store.add(clean, svc.relay.enqueue(clean), body=text)
+    metrics.accepted(created)
     extra = svc.relay.after_store(stored, created)
     log.debug("report %s", "accepted" if created else "duplicate")
     if created:  # the report as stored, encoded once, and the relay's fields (none of its keys)
@@ -119,6 +122,7 @@ def post_relay() -> tuple[Response, int]:
     limit = MAX_BATCH * svc.config.max_report_size
     request.max_content_length = limit + 1  # read_json_body reads limit + 1 to detect "over"
     body = receive_batch(read_json_body(limit), svc.store, svc.relay, svc.config)
+    metrics.relayed(body)
     return jsonify(body), 200
 
 
@@ -149,6 +153,7 @@ def healthz() -> tuple[Response, int]:
         "relay": {"destinations": [label(d) for d in svc.relay.destinations()],
                   "backlog": {label(d): v for d, v in backlog.items()} if backlog else backlog,
                   **health},
+        "retention": svc.housekeeping.health(),
     }
     return jsonify(body), 200 if store_ok else 503
 
