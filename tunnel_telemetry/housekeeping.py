@@ -133,7 +133,7 @@ class Housekeeping:
                 self._stop.wait(ELECT_EVERY)
         else:
             return
-        log.info("housekeeping: this worker leads (metrics, retention purge)")
+        log.info("housekeeping: worker %d leads (metrics, retention purge)", os.getpid())
         if self.listen:
             try:
                 self._server = metrics.serve(self.listen, self._live)

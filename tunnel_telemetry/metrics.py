@@ -82,14 +82,13 @@ def enabled() -> bool:
     return _metrics is not None
 
 
-def setup(listen: str | None, directory: str, destinations: Iterable[str] = ()) -> None:
+def setup(listen: str | None, directory: str) -> None:
     """Turn metrics on (``listen`` set) before the workers fork; no-op when unset.
 
     ``directory``: a fresh private directory (prometheus_client's multiprocess files); it
     must exist and be empty. Checks that ``listen`` can be bound (one clear line if not).
     """
     global _metrics, _directory
-    set_destinations(destinations)
     if listen is None:
         _metrics = None
         return
