@@ -448,8 +448,8 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("relay-batch: must be between 1 and 100")
     if not 1 <= config.relay_concurrency <= 256:
         raise ConfigError("relay-concurrency: must be between 1 and 256")
-    if not 1 <= config.purge_interval <= 7 * 86400:
-        raise ConfigError("purge-interval: must be between 1s and 7d")
+    if not 0.1 <= config.purge_interval <= 7 * 86400:
+        raise ConfigError("purge-interval: must be between 100ms and 7d")
     if config.metrics_listen is not None:
         host, port = split_listen(config.metrics_listen, "metrics-listen")
         config = dataclasses.replace(config, metrics_listen=f"{host}:{port}" if ":" not in host
