@@ -118,7 +118,7 @@ def test_same_output_on_sqlite_and_postgresql(runner, tmp_path, pg_url):
     for url in (sqlite_url, pg_url):
         store = open_store(url)
         for report in reports:
-            store.add(report, [])
+            store.add(report)
         store.close()
     for args in ([], ["--format", "csv"], ["--failed"], ["--client-asn", "AS3320"]):
         assert export(runner, sqlite_url, *args) == export(runner, pg_url, *args)
@@ -166,7 +166,7 @@ def test_export_streams_in_constant_memory(db_url, backend):
 def test_output_file_and_bad_filters(runner, tmp_path):
     url = f"sqlite:///{tmp_path}/reports.db"
     store = open_store(url)
-    store.add(make_report(uuid=str(uuid.uuid4()), client_cc="DE"), [])
+    store.add(make_report(uuid=str(uuid.uuid4()), client_cc="DE"))
     store.close()
     out = tmp_path / "out.jsonl"
     result = runner.invoke(main, ["export", "--database-url", url, "-o", str(out)])

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tunnel_telemetry import housekeeping
 from tunnel_telemetry.cli import main
-from tunnel_telemetry.store import open_store
+from tunnel_telemetry.store import Enqueue, open_store
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import free_port, wait_until
 
@@ -54,8 +54,8 @@ def age(db_url, uuids, seconds):
 def add(store, *, finish=None, skipped=None, dests=DESTS):
     """A stored report; ``finish``: {destination: final state} recorded after a claim."""
     uid = str(uuid.uuid4())
-    store.add({"uuid": uid, "report-type": "tunnel-telemetry"}, dests, lease_owner="me",
-              lease_seconds=60, skipped=skipped)
+    store.add({"uuid": uid, "report-type": "tunnel-telemetry"},
+              Enqueue(dests, owner="me", lease_seconds=60, skipped=skipped or {}))
     for dest, state in (finish or {}).items():
         assert store.finish(uid, dest, "me", state)
     return uid
