@@ -84,7 +84,6 @@ def create_app(config: Any = None) -> Any:
 
     store = open_store(config.database_url)  # first: a bad store is one line, no geo warning
     limits = build_limits(config)  # in the master: its client-hash key is every worker's
-
     run_dir = run_directory()  # the leader lock, the metrics' files: made before the fork
     metrics.setup(config.metrics_listen, os.path.join(run_dir, "metrics"))
     geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
