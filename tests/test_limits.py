@@ -327,9 +327,7 @@ def test_a_redis_rate_limit_is_shared_by_all_workers(tt_server, redis_server):
         assert statuses.count(201) == 4, statuses  # 4 in any 2 minutes: no refill here
         assert statuses.count(429) == 12
         assert all(int(after) >= 1 for status, after in results if status == 429)
-        pids = {line.split("[")[1].split("]")[0] for line in server.logs().splitlines()
-                if "report accepted" in line or "rejected: rate_limited" in line}
-        if len(pids) == 2:
+        if len(answers_by_worker(server)) == 2:
             break  # both workers answered, from one budget
         redis_server.client().flushdb()
     else:
@@ -340,6 +338,42 @@ def test_a_redis_rate_limit_is_shared_by_all_workers(tt_server, redis_server):
     assert keys, "the counts are in Redis"
     assert_no_address(repr(keys) + repr([store.dump(key) for key in keys]))
     assert_no_address(server.logs())
+
+
+def answers_by_worker(server):
+    """Worker pid -> [True when accepted, False when rate limited, ...] from its debug log."""
+    answers = {}
+    for line in server.logs().splitlines():
+        if "report accepted" in line or "rejected: rate_limited" in line:
+            answers.setdefault(line.split("[")[1].split("]")[0], []).append("accepted" in line)
+    return answers
+
+
+@pytest.mark.e2e
+def test_a_memory_rate_limit_counts_per_worker(tt_server):
+    """The default storage, as documented: each worker gives a client its own budget."""
+    server = tt_server("--workers", "2", "--proxy-hops", "1", "--rate-limit", "2",
+                       "--rate-limit-burst", "4", "--max-in-flight-per-client", "0", "--debug")
+    for attempt in range(20):  # until the kernel spreads one round over both workers
+        before = answers_by_worker(server)
+        threads = [threading.Thread(target=post_with, args=(server.url, f"192.0.2.{attempt + 1}"))
+                   for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        total = sum(map(len, before.values())) + 16
+        assert wait_for(lambda n=total: sum(map(len, answers_by_worker(server).values())) == n,
+                        timeout=10)
+        round_ = {pid: flags[len(before.get(pid, [])):]
+                  for pid, flags in answers_by_worker(server).items()}
+        round_ = {pid: flags for pid, flags in round_.items() if flags}
+        for flags in round_.values():
+            assert sum(flags) == min(4, len(flags)), round_  # 4 from each worker's budget
+        if len(round_) == 2:
+            break
+    else:
+        pytest.fail("the kernel never spread the requests over both workers")
 
 
 def hold_a_request(server, address):
