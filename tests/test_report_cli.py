@@ -67,7 +67,6 @@ def test_help_lists_commands_and_exit_codes(runner):
         (["send", "--endpoint", "ss://1.2.3.4:1", "--collector", "ftp://x"], "not an http"),
         (["send", "--endpoint", "ss://1.2.3.4:1", "--success-fraction", "2"], "0<=x<=1"),
         (["flush", "--no-spool"], "makes no sense"),
-        (["flush"], "no collector"),
         (["probe"], "Missing argument"),
         (["nope"], "No such command"),
     ],
@@ -315,3 +314,11 @@ def test_after_the_subcommand_wins(runner, server):
                      *FAST, "-", input=json.dumps(REPORT))
         assert result.exit_code == 0, result.stderr
         assert len(server.requests) == 1 and not other.requests
+
+
+def test_flush_needs_a_collector_only_when_something_waits(runner, spool):
+    result = run(runner, "flush")
+    assert result.exit_code == 0 and "nothing to flush" in result.stderr
+    spool.put({**REPORT, "uuid": "123e4567-e89b-42d3-a456-426614174000"})
+    result = run(runner, "flush")
+    assert result.exit_code == 2 and "no collector" in result.stderr

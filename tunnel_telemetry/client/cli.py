@@ -454,6 +454,11 @@ def flush(**opts: Any) -> int:
         _err(f"{len(paths)} report(s) in {spool.directory}")
         _emit({"spool": str(spool.directory), "reports": [p.name for p in paths]})
         return EXIT_DELIVERED
+    spool = Spool(opts["spool_dir"] or default_spool_dir())
+    if not len(spool):  # nothing to send: no collector needed to say so
+        _err(f"nothing to flush in {spool.directory}")
+        _emit({"delivered": [], "rejected": [], "remaining": 0})
+        return EXIT_DELIVERED
     with _make_client(opts) as client:
         assert client.spool is not None
         pending = len(client.spool)

@@ -1,0 +1,190 @@
+"""Every command the README and docs show works as written: the README's loopback examples run
+here against a real tt-server, and each of the project's other commands is covered by a named
+test (the table below; a command added to the docs without one fails this test)."""
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import pytest
+import requests
+
+from tunnel_telemetry.testing.server import TTServer, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+OURS = ("tt-server", "tt-report", "python", "python3", "curl", "gunicorn", "cat")
+
+
+def commands(path: Path) -> list[str]:
+    """The logical command lines of a file's sh blocks (continuations joined, comments off,
+    a here-document kept whole)."""
+    out: list[str] = []
+    for block in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", path.read_text(), re.S):
+        lines = iter(block.splitlines())
+        for line in lines:
+            while line.endswith("\\"):
+                line = line[:-1].rstrip() + " " + next(lines).strip()
+            if "<<" in line:
+                end = line.split("<<", 1)[1].strip().strip("'\"")
+                body = [line]
+                for more in lines:
+                    body.append(more)
+                    if more.strip() == end:
+                        break
+                out.append("\n".join(body))
+                continue
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def ours(command: str) -> bool:
+    """A command of this project (or one pointed at it), as opposed to systemctl, heroku, ..."""
+    first = command.split()[0]
+    env_assign = re.fullmatch(r"[A-Z_]+=\S*", first)
+    words = command.split()
+    if env_assign:
+        words = [w for w in words if not re.fullmatch(r"[A-Z_]+=\S*", w)]
+    return bool(words) and words[0] in OURS
+
+
+# README commands this file does not run, each with the test that runs the same thing
+# (module::function, checked to exist), or why only an operator can run it. By prefix.
+COVERED = {
+    "python3 -m venv .venv && . .venv/bin/activate && pip install . && tt-server":
+        "tests/test_readme.py::test_readme_quick_start_runs_as_written",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install '.[test]' && python -m pytest":
+        "tests/test_readme.py::test_the_test_command_is_what_ci_runs",
+    "tt-server --geoip-country-db GeoLite2-Country.mmdb":
+        "tests/test_e2e.py::test_privacy_nothing_leaks",
+    "tt-server --config /home/user/ttserver/config.yaml":
+        "tests/test_config.py::test_seed_readme_env_and_yaml",
+}
+EXTERNAL = {
+    "tt-report --collector https://collector.example.org probe": "a real collector and endpoint",
+    "AUTOTLS=true HOSTNAME=collector.example.org tt-server": "a public DNS name (ACME)",
+}
+
+
+def _readme_commands() -> list[str]:
+    return [cmd for cmd in commands(ROOT / "README.md") if ours(cmd)]
+
+
+def _known(command: str, table: dict[str, str]) -> str | None:
+    return next((table[p] for p in table if command.startswith(p)), None)
+
+
+def test_every_readme_command_is_run_or_covered():
+    missing = [cmd for cmd in _readme_commands()
+               if not (_known(cmd, COVERED) or _known(cmd, EXTERNAL) or _known(cmd, RUN))]
+    assert not missing, "README commands with no test: \n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("target", sorted(set(COVERED.values())))
+def test_covering_tests_exist(target):
+    path, name = target.split("::")
+    module = importlib.import_module(path[:-3].replace("/", "."))
+    assert callable(getattr(module, name))
+
+
+def _cli_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every tt-server / tt-report command in the README and docs."""
+    out = []
+    for path in DOCS:
+        for cmd in commands(path):
+            for part in re.split(r"\s*(?:&&|\|)\s*", cmd.split("\n")[0]):
+                words = shlex.split(re.sub(r"\$\([^)]*\)", "VALUE", part))
+                while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+                    words.pop(0)
+                if words and words[0] in ("tt-server", "tt-report"):
+                    out.append((f"{path.relative_to(ROOT)}: {part}", words))
+    return out
+
+
+@pytest.mark.parametrize("where, argv", _cli_commands(), ids=lambda v: v if isinstance(v, str)
+                         else None)
+def test_every_documented_command_line_parses(where, argv, tmp_path, monkeypatch):
+    """Flags and subcommands exist where the docs put them (nothing is run)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.json").write_text("{}")  # the file the docs write before sending it
+    from tunnel_telemetry.cli import main as server_main
+    from tunnel_telemetry.client.cli import main as report_main
+
+    command = server_main if argv[0] == "tt-server" else report_main
+    with warnings.catch_warnings():  # click 8.2 deprecates protected_args; 9 folds it into args
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with contextlib.ExitStack() as stack:
+            ctx = stack.enter_context(command.make_context(argv[0], list(argv[1:])))
+            rest = ctx.protected_args + ctx.args
+            while rest and isinstance(ctx.command, click.Group):
+                name, sub, rest = ctx.command.resolve_command(ctx, rest)
+                ctx = stack.enter_context(sub.make_context(name, rest, parent=ctx))
+                rest = ctx.protected_args + ctx.args if isinstance(sub, click.Group) else []
+
+
+# Run here, as written, in a fresh directory with a collector on localhost:8080.
+RUN = {
+    "cat > report.json <<EOF": "the README's report",
+    "curl -X POST -H 'Content-Type: application/json' -d @report.json http://localhost:8080/report":
+        "201",
+    "tt-report --collector http://localhost:8080 send report.json": "delivered",
+    "tt-report flush": "nothing spooled",
+}
+
+
+def _readme_block(first: str) -> str:
+    for cmd in commands(ROOT / "README.md"):
+        if cmd.startswith(first):
+            return cmd
+    raise AssertionError(f"the README no longer shows {first!r}")
+
+
+def _bash(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.e2e
+def test_readme_quick_start_runs_as_written(tmp_path):
+    """`tt-server` with embedded defaults (SQLite in ./tt-data, no relay, port 8080), then the
+    README's report with curl and with tt-report, exactly as the README writes them."""
+    bindir = Path(sys.executable).parent
+    if shutil.which("tt-server", path=str(bindir)) is None:
+        pytest.skip("tt-server is not installed in this environment (pip install .)")
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+           "TT_LISTEN": "127.0.0.1:8080",  # tests bind loopback; the README's default is :8080
+           "TT_SPOOL_DIR": str(tmp_path / "spool"), "HOME": str(tmp_path)}
+    for name in ("TT_CONFIG", "TT_COLLECTORS", "DATABASE_URL"):
+        env.pop(name, None)
+    server = TTServer(tmp_path, env=env, port=8080, command=["tt-server"], cwd=tmp_path)
+    with server:
+        for first in RUN:
+            out = _bash(_readme_block(first), tmp_path, env)
+            assert out.returncode == 0, (first, out.stdout, out.stderr)
+            if first.startswith("curl"):
+                body = json.loads(out.stdout)
+                assert body["report-type"] == "tunnel-telemetry" and "uuid" in body, out.stdout
+                assert "1.1.1.1" not in out.stdout
+        assert (tmp_path / "tt-data" / "reports.db").exists()
+        assert wait_for(lambda: requests.get(server.url + "/healthz", timeout=5).ok)
+    assert "1.1.1.1" not in server.logs() and "127.0.0.1:" not in server.logs().replace(
+        "Listening at: http://127.0.0.1:8080", "")
+
+
+def test_the_test_command_is_what_ci_runs():
+    """The README's test command is the one .ci/run runs (after its apt-get step)."""
+    readme = _readme_block("python3 -m venv .venv && . .venv/bin/activate && pip install '.[test]'")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q '.[test]'" in ci and "python -m pytest -q\n" in ci
+    assert readme.endswith("python -m pytest -q")
