@@ -104,6 +104,7 @@ def _cli_commands() -> list[tuple[str, list[str]]]:
     for path in DOCS:
         for cmd in commands(path):
             for part in re.split(r"\s*(?:&&|\|)\s*", cmd.split("\n")[0]):
+                part = re.split(r"\s+\d?(?:>>?|<)\s*", part)[0]  # redirections are bash's
                 words = shlex.split(re.sub(r"\$\([^)]*\)", "VALUE", part))
                 while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
                     words.pop(0)
