@@ -201,23 +201,21 @@ def test_submit_format_must_be_json(fake, http):
     assert r.status_code == 400
 
 
-@pytest.mark.parametrize("how", ["unknown", "closed", "expired"])
-def test_submit_to_unknown_closed_or_expired_report_is_404(fake, http, how):
+@pytest.mark.parametrize("how", ["unknown", "closed"])
+def test_report_ids_are_stateless_as_ooni_s(fake, http, how):
+    """OONI's backend never answers 404 for a well-formed id (another instance opened it)."""
     rid = open_report(http, fake)
     if how == "unknown":
         rid = rid[:-3] + "zzz"
-    elif how == "closed":
-        http.post(f"{fake.url}/report/{rid}/close", timeout=5)
     else:
-        fake.expire_reports()
+        http.post(f"{fake.url}/report/{rid}/close", timeout=5)
     r = submit(http, fake, rid)
-    assert (r.status_code, r.json()["detail"]) == (404, "Report not found")
+    assert r.status_code == 200 and "measurement_uid" in r.json()
 
 
 def test_lenient_mode_accepts_what_ooni_accepts(http):
     with FakeOONI(strict=False) as fake:
         rid = open_report(http, fake)
-        fake.expire_reports()
         r = submit(http, fake, rid, probe_ip="203.0.113.9", test_start_time="whenever")
         assert r.status_code == 200 and "measurement_uid" in r.json()
 

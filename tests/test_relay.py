@@ -157,7 +157,7 @@ def test_unknown_client_location_is_not_sent_and_marked_skipped(make_app, fake, 
     (429, {"retry_after": 7200}, "pending", "rate-limited"),
     ("reset", {}, "pending", "connection-error"),
     ("disconnect", {}, "pending", "connection-error"),
-    ("empty", {"ops": ["submit"]}, "pending", "no-measurement-uid"),
+    ("empty", {"ops": ["submit"]}, "pending", "accepted-without-id"),
     (400, {"ops": ["submit"]}, "failed", "http-400"),
     (422, {"ops": ["open"]}, "failed", "http-422"),
 ])
@@ -340,7 +340,8 @@ def test_backoff_is_exponential_capped_and_jittered(attempts, low, high):
 
 @pytest.mark.parametrize("outcome, expected", [
     (Outcome.retry("timeout"), True), (Outcome.retry("http-502"), True),
-    (Outcome.retry("rate-limited"), True), (Outcome.retry("no-measurement-uid"), False),
+    (Outcome.retry("rate-limited"), True),
+    (Outcome.maybe_delivered("accepted-without-id"), False),
     (Outcome.failed("http-400"), False), (Outcome.delivered(), False),
 ])
 def test_destination_level_failures(outcome, expected):

@@ -190,6 +190,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay-retry-min", "duration", 30.0,
            "First retry delay; it doubles with every attempt, with jitter."),
     Option("relay-retry-max", "duration", 6 * 3600.0, "Longest retry delay."),
+    Option("relay-confirm-delay", "duration", 6 * 3600.0,
+           "How long a report that may have arrived (the destination took longer than "
+           "relay-attempt-timeout to answer, or OONI answered {}: kept in its fallback store) "
+           "waits before it is confirmed through OONI's measurements API or sent again."),
     Option("relay-interval", "duration", 10.0,
            "How often each worker's retry loop looks for reports due for a retry."),
     Option("relay-batch", "int", 50, "Reports per batch sent to a secondary collector (1-100)."),
@@ -442,6 +446,8 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("relay-interval: must be between 50ms and 1d")
     if not 0 < config.relay_retry_min <= config.relay_retry_max:
         raise ConfigError("relay-retry-min: must be more than 0 and at most relay-retry-max")
+    if not 0 < config.relay_confirm_delay <= 30 * 86400:
+        raise ConfigError("relay-confirm-delay: must be more than 0 and at most 30d")
     if config.relay_max_age <= 0:
         raise ConfigError("relay-max-age: must be more than 0")
     if not 1 <= config.relay_batch <= 100:

@@ -42,7 +42,7 @@ import requests
 from .. import __version__, httpclient
 from ..files import write_private
 from ..protocol import schema as _schema
-from ..protocol.fields import Endpoint
+from ..protocol.fields import MAX_ASN, Endpoint, canonical_asn, canonical_cc
 from ..protocol.fields import parse_endpoint as _collector_parse_endpoint
 from ..protocol.fields import parse_time as _collector_parse_time
 
@@ -237,8 +237,8 @@ def build_report(
         report["duration_ms"] = duration_ms
     report["failure"] = dict(failure) if failure else None
     optional = {
-        "client_asn": client_asn,
-        "client_cc": client_cc,
+        "client_asn": canonical_asn(client_asn) or client_asn,
+        "client_cc": canonical_cc(client_cc) or client_cc,
         "sampling_rate": sampling_rate,
         "uuid": uuid,
     }
@@ -314,6 +314,8 @@ def validate_report(report: Any) -> None:
             _collector_parse_time(report["time"])
         except ValueError as exc:
             problems.append({"path": "$.time", "message": str(exc)})
+        if "client_asn" in report and canonical_asn(report["client_asn"]) is None:
+            problems.append({"path": "$.client_asn", "message": f"must be at most AS{MAX_ASN}"})
     if problems:
         raise InvalidReport("invalid report", problems)
 
@@ -669,6 +671,9 @@ class Client:
         out = dict(report)
         if not out.get("uuid"):
             out["uuid"] = str(_uuid.uuid4())
+        for key, canonical in (("client_asn", canonical_asn), ("client_cc", canonical_cc)):
+            if canonical(out.get(key)) is not None:  # AS03215 -> AS3215, it -> IT
+                out[key] = canonical(out[key])
         validate_report(out)
         return out
 

@@ -15,7 +15,15 @@ from typing import Any
 
 from ..config import format_duration
 from ..errors import ReportError
-from ..protocol.fields import Endpoint, format_time, parse_endpoint, parse_time
+from ..protocol.fields import (
+    MAX_ASN,
+    Endpoint,
+    canonical_asn,
+    canonical_cc,
+    format_time,
+    parse_endpoint,
+    parse_time,
+)
 from ..protocol.schema import schema_errors
 
 MAX_DEPTH = 32
@@ -141,9 +149,13 @@ def validate(
         "failure": _failure(payload.get("failure")),
         "sampling_rate": payload.get("sampling_rate", 1),
     }
-    for key in ("client_asn", "client_cc"):
-        if key in payload:
-            report[key] = payload[key]
+    if "client_asn" in payload:  # the schema checked the form: AS and 1-10 digits
+        report["client_asn"] = canonical_asn(payload["client_asn"])
+        if report["client_asn"] is None:
+            raise ReportError("bad_asn", "invalid client_asn", [{
+                "path": "$.client_asn", "message": f"must be at most AS{MAX_ASN}"}])
+    if "client_cc" in payload:
+        report["client_cc"] = canonical_cc(payload["client_cc"])
     check_nul(report)
     return report, endpoint
 

@@ -108,3 +108,28 @@ def parse_endpoint(text: str) -> Endpoint:
     if labels[-1].isdigit():
         raise ValueError("not a valid host name")
     return Endpoint(proto, host, int(port), None)
+
+
+MAX_ASN = 4294967295  # ASNs are 32-bit
+UNKNOWN_ASN, UNKNOWN_CC = "AS0", "ZZ"
+
+
+def canonical_asn(value: object) -> str | None:
+    """An ASN in its one spelling: ``AS`` and the number without leading zeros (``AS03215``
+    is ``AS3215``, ``AS00`` is ``AS0``, unknown); None when ``value`` is not ``AS`` and 1-10
+    digits up to 4294967295. OONI compares ASNs as text and refuses leading zeros."""
+    if not isinstance(value, str) or not 3 <= len(value) <= 12 or value[:2] != "AS":
+        return None
+    digits = value[2:]
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    number = int(digits)
+    return f"AS{number}" if number <= MAX_ASN else None
+
+
+def canonical_cc(value: object) -> str | None:
+    """A country code in its one spelling: two upper-case ASCII letters (``it`` is ``IT``);
+    None for anything else (OONI refuses ``"12"``)."""
+    if isinstance(value, str) and len(value) == 2 and value.isascii() and value.isalpha():
+        return value.upper()
+    return None

@@ -35,6 +35,16 @@ class BodyError(urllib3.exceptions.HTTPError):
 HTTP_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
+def sent_without_answer(exc: BaseException) -> bool:
+    """True when the request went out and no answer came in time (the destination may have
+    acted on it): a read timeout, not a connect timeout or a spent budget."""
+    if isinstance(exc, requests.ReadTimeout):
+        return True
+    if isinstance(exc, requests.RequestException) and exc.args:
+        exc = exc.args[0] if isinstance(exc.args[0], BaseException) else exc
+    return isinstance(exc, urllib3.exceptions.ReadTimeoutError)
+
+
 def classify_exception(exc: BaseException) -> Outcome:
     """Network-level failures are always retried: timeouts, connection trouble (refused, reset,
     TLS verification, proxy), anything else as ``request-error``."""
@@ -100,7 +110,7 @@ def json_body(value: Any) -> bytes:  # noqa: ANN401 - any JSON-able value
 
 
 class RelayHTTP:
-    """POSTs to one secondary over keep-alive connections (``tunnel_telemetry.httpclient.session``),
+    """Requests to one secondary over keep-alive connections (``httpclient.session``),
     thread-safe; up to ``pool_size`` connections kept.
 
     The session is made per process on first use: no connection is shared with a forked
@@ -115,18 +125,28 @@ class RelayHTTP:
         self._pid: int | None = None
         self._session: requests.Session | None = None
 
+    def _current(self) -> requests.Session:
+        """This process's session (made on first use)."""
+        if self._pid != os.getpid() or self._session is None:
+            self._session = httpclient.session(self.base_url, pool_size=self.pool_size,
+                                               headers=self.headers)
+            self._pid = os.getpid()
+        return self._session
+
     def post(self, path: str, body: bytes | None,
              timeout: tuple[float, float]) -> requests.Response:
         """POST ``body`` (JSON) to ``base_url + path``; the whole answer is read.
 
         Raises one of HTTP_ERRORS for network trouble (see classify_exception).
         """
-        if self._pid != os.getpid() or self._session is None:
-            self._session = httpclient.session(self.base_url, pool_size=self.pool_size,
-                                         headers=self.headers)
-            self._pid = os.getpid()
-        return self._session.post(self.base_url + path, data=body, timeout=timeout,
+        return self._current().post(self.base_url + path, data=body, timeout=timeout,
                                   allow_redirects=False)
+
+    def get(self, path: str, params: Mapping[str, str],
+            timeout: tuple[float, float]) -> requests.Response:
+        """GET ``base_url + path`` with a query (OONI's measurements API)."""
+        return self._current().get(self.base_url + path, params=params, timeout=timeout,
+                                 allow_redirects=False)
 
     def close(self) -> None:
         """Close every kept-alive connection of this process."""

@@ -123,8 +123,9 @@ class RetryLoop:
         if not claims:
             return set(), False
         started = time.time()
+        previous = {c.uuid: c.result for c in claims if c.result}
         outcomes = ps.senders[dest].send([c.report for c in claims],
-                                         self.config.relay_attempt_timeout, stop)
+                                         self.config.relay_attempt_timeout, stop, previous)
         for claim in claims:
             outcome = outcomes.get(claim.uuid)
             if outcome is not None:
@@ -183,8 +184,9 @@ class RetryLoop:
             return claim.uuid, None
         started = time.time()
         try:
+            previous = {claim.uuid: claim.result} if claim.result else None
             outcome = ps.senders[dest].send([claim.report], self.config.relay_attempt_timeout,
-                                            ps.stop.is_set).get(claim.uuid)
+                                            ps.stop.is_set, previous).get(claim.uuid)
         except Exception as e:  # noqa: BLE001 - a sender bug must not lose the report
             log.error("relay: %s sender error: %s", dest, type(e).__name__)
             outcome = Outcome.retry("internal-error")

@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import __version__
+from ..protocol.fields import UNKNOWN_ASN, UNKNOWN_CC, canonical_asn, canonical_cc
 from .http import (
     HTTP_ERRORS,
     Deadline,
@@ -28,6 +29,7 @@ from .http import (
     classify_response,
     json_body,
     response_json,
+    sent_without_answer,
 )
 from .outcome import Outcome, one_line
 
@@ -39,6 +41,8 @@ SOFTWARE_NAME = "tunnel-telemetry"
 DATA_FORMAT_VERSION = "0.2.0"
 EXPLORER = "https://explorer.ooni.org/m/"
 OONI_TIME = "%Y-%m-%d %H:%M:%S"
+API_TIME = "%Y-%m-%dT%H:%M:%S"  # the measurements API's since / until
+CONFIRM_LIMIT = 100  # measurements of one report id within the report's second
 
 # What an OONI measurement may carry of a stored report (allow-list: fail closed).
 TEST_KEYS = (
@@ -47,8 +51,6 @@ TEST_KEYS = (
     "sampling_rate",
 )
 ENDPOINT_KEYS = ("endpoint", "endpoint_addr")
-_ASN = re.compile(r"AS[0-9]{1,10}")
-_CC = re.compile(r"[A-Z]{2}")
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -75,11 +77,10 @@ def parse_rfc3339(value: str) -> datetime:
 
 def probe_location(report: Mapping[str, Any]) -> tuple[str, str]:
     """(probe_asn, probe_cc) of a report: the client's, AS0 / ZZ when unknown or malformed."""
-    asn = report.get("client_asn")
-    cc = report.get("client_cc")
-    asn = asn if isinstance(asn, str) and _ASN.fullmatch(asn) else "AS0"
-    cc = cc if isinstance(cc, str) and _CC.fullmatch(cc) else "ZZ"
-    return asn, cc
+    # Canonical here too: reports stored before ASNs were canonical on entry (AS03215) would
+    # open a report id with 3215 and be refused as inconsistent; AS00 would be sent as unknown.
+    return (canonical_asn(report.get("client_asn")) or UNKNOWN_ASN,
+            canonical_cc(report.get("client_cc")) or UNKNOWN_CC)
 
 
 def test_keys(report: Mapping[str, Any], *, allow_public_endpoint: bool) -> dict[str, Any]:
@@ -171,6 +172,51 @@ class OONIClient:
                     return Outcome.failed("report-unknown", "OONI rejected a fresh report id")
         except HTTP_ERRORS as e:
             return classify_exception(e)
+
+    def confirm(self, report: Mapping[str, Any], report_id: str, *,
+                timeout: float | None = None) -> Outcome | None:
+        """Look for ``report`` in OONI's measurements API (submitted under ``report_id`` and
+        perhaps kept): delivered with its id when it is there, None when it is not (send it
+        again), a retry when the API cannot tell now.
+
+        Searches the report id's measurements started within a second of the report's time,
+        then reads each candidate's raw measurement for the report's uuid.
+        """
+        deadline = Deadline(timeout, self.timeout)
+        try:
+            start = parse_rfc3339(report["time"]).astimezone(UTC)
+        except (KeyError, TypeError, ValueError):
+            return None
+        window = {"report_id": report_id, "test_name": TEST_NAME, "limit": str(CONFIRM_LIMIT),
+                  "since": (start - timedelta(seconds=1)).strftime(API_TIME),
+                  "until": (start + timedelta(seconds=2)).strftime(API_TIME)}
+        try:
+            resp = self.http.get("/api/v1/measurements", window, deadline.timeout())
+            bad = classify_response(resp)
+            if bad is not None:
+                return _stage(bad, "confirm")
+            results = response_json(resp).get("results")
+            if not isinstance(results, list):
+                return Outcome.retry("bad-answer", "confirm: no results list")
+            for item in results:
+                uid = item.get("measurement_uid") if isinstance(item, dict) else None
+                if not isinstance(uid, str) or not uid:
+                    continue
+                resp = self.http.get("/api/v1/raw_measurement", {"measurement_uid": uid},
+                                     deadline.timeout())
+                if classify_response(resp) is not None:
+                    continue
+                raw = response_json(resp)
+                annotations = raw.get("annotations") if isinstance(raw, dict) else None
+                if isinstance(annotations, dict) and annotations.get(
+                        "report_uuid") == str(report.get("uuid")):
+                    return Outcome.delivered(measurement_uid=one_line(uid, 256),
+                                             report_id=report_id, confirmed=True)
+        except HTTP_ERRORS as e:
+            return _stage(classify_exception(e), "confirm")
+        except (ValueError, AttributeError):
+            return Outcome.retry("bad-answer", "confirm: the answer is not JSON")
+        return None
 
     def open_reports(self) -> list[OpenReport]:
         """Reports currently open (for health output and tests)."""
@@ -284,9 +330,14 @@ class OONIClient:
 
     def _submit(self, rep: OpenReport, base: dict[str, Any], deadline: Deadline) -> Outcome:
         content = dict(base, report_id=rep.report_id, test_start_time=rep.test_start_time)
-        resp = self.http.post(f"/report/{rep.report_id}",
-                              json_body({"format": "json", "content": content}),
-                              deadline.timeout())
+        body = json_body({"format": "json", "content": content})
+        try:
+            resp = self.http.post(f"/report/{rep.report_id}", body, deadline.timeout())
+        except HTTP_ERRORS as e:
+            if sent_without_answer(e):  # OONI may have it: confirm before sending it again
+                return Outcome.maybe_delivered("timeout", "submit: no answer in time",
+                                               report_id=rep.report_id)
+            raise
         if resp.status_code in (404, 410):
             raise _ReportGone()
         bad = classify_response(resp)
@@ -302,8 +353,11 @@ class OONIClient:
             return Outcome.retry("bad-answer", "submit: the answer is not a JSON object")
         uid = answer.get("measurement_uid")
         if not isinstance(uid, str) or not uid:
-            # OONI answers {} when it dropped the measurement or its pipeline failed.
-            return Outcome.retry("no-measurement-uid", "OONI answered without measurement_uid")
+            # OONI answers {} when its fastpath is down and it kept the measurement in its
+            # fallback store (re-uploaded later), and also when even that failed: confirm later.
+            return Outcome.maybe_delivered("accepted-without-id",
+                                           "OONI answered without measurement_uid",
+                                           report_id=rep.report_id)
         return Outcome.delivered(measurement_uid=one_line(uid, 256), report_id=rep.report_id)
 
     def _forget(self, rep: OpenReport) -> None:

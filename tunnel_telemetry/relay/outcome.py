@@ -18,7 +18,9 @@ class Outcome:
 
     ``state`` is the relay-queue state to record (delivered, pending = retry later, failed =
     permanent, skipped = never sent); ``reason`` is a short code for logs and responses;
-    ``detail`` the secondary's own one-line explanation, if any.
+    ``detail`` the secondary's own one-line explanation, if any. ``maybe``: the report was
+    sent and the destination may have kept it (no answer in time, or OONI's ``{}``): it is
+    confirmed, or sent again, only after relay-confirm-delay.
     """
 
     state: str
@@ -26,6 +28,7 @@ class Outcome:
     detail: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     retry_after: float | None = None
+    maybe: bool = False
 
     @property
     def retryable(self) -> bool:
@@ -41,6 +44,11 @@ class Outcome:
     def retry(cls, reason: str, detail: str = "", retry_after: float | None = None) -> Outcome:
         """A failure worth retrying."""
         return cls(PENDING, reason, detail, retry_after=retry_after)
+
+    @classmethod
+    def maybe_delivered(cls, reason: str, detail: str = "", **result: Any) -> Outcome:  # noqa: ANN401
+        """Sent, and perhaps kept: wait, then confirm (OONI) or send again."""
+        return cls(PENDING, reason, detail, result={**result, "maybe": True}, maybe=True)
 
     @classmethod
     def failed(cls, reason: str, detail: str = "") -> Outcome:

@@ -123,7 +123,8 @@ class Relay(FirstAttempt, RetryLoop):
         held = ps.holds.waiting(now)
         with ps.lock:
             inflight = len(ps.futures)
-        return {"backing_off_s": held, "in_flight": inflight,
+            tally = dict(ps.tally)
+        return {"backing_off_s": held, "in_flight": inflight, "maybe_delivered": tally,
                 "retry_loop": bool(ps.thread and ps.thread.is_alive())}
 
     def wake(self) -> None:
@@ -185,11 +186,18 @@ class Relay(FirstAttempt, RetryLoop):
             delay = httpclient.backoff(attempts, cfg.relay_retry_min, cfg.relay_retry_max)
             if outcome.retry_after is not None:
                 delay = max(delay, outcome.retry_after)
+            if outcome.maybe:  # it may have arrived: confirm or resend only much later
+                delay = max(delay, cfg.relay_confirm_delay)
+                with ps.lock:
+                    ps.tally[outcome.reason] += 1
             if is_destination_failure(outcome):
                 ps.holds.fail(dest, outcome, started)
             ok = self.store.finish(uuid, dest, ps.owner, PENDING, error=outcome.describe(),
-                                   next_attempt=now + delay)
+                                   next_attempt=now + delay, result=outcome.result or None)
         elif outcome.state == DELIVERED:
+            if outcome.result.get("confirmed"):
+                with ps.lock:
+                    ps.tally["confirmed"] += 1
             ps.holds.clear(dest, started)
             ok = self.store.finish(uuid, dest, ps.owner, DELIVERED, result=outcome.result or None,
                                    report_fields=ps.senders[dest].report_fields(outcome))

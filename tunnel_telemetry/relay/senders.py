@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ from .http import (
     json_body,
     response_detail,
     response_json,
+    sent_without_answer,
 )
 from .ooni import OONIClient, explorer_link, probe_location
 from .outcome import Outcome, is_destination_failure, one_line
@@ -56,9 +58,13 @@ class Sender(Protocol):
         """A skip (decided from the report alone: stored with it, never sent there), or None
         to send."""
 
-    def send(self, reports: list[dict[str, Any]], budget: float,
-             stop: Callable[[], bool]) -> dict[str, Outcome]:
-        """Outcomes by uuid for the reports attempted (those left out were not sent)."""
+    def send(self, reports: list[dict[str, Any]], budget: float, stop: Callable[[], bool],
+             previous: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Outcome]:
+        """Outcomes by uuid for the reports attempted (those left out were not sent).
+
+        ``previous``: by uuid, what the last attempt recorded (``Claim.result``), e.g. that a
+        report may have arrived already.
+        """
 
     def report_fields(self, outcome: Outcome) -> dict[str, Any]:
         """Fields to merge into the stored report after a delivery."""
@@ -93,13 +99,20 @@ class OONISender:
             return Outcome.skipped("client-location-unknown")  # OONI would drop it
         return None
 
-    def send(self, reports: list[dict[str, Any]], budget: float,
-             stop: Callable[[], bool]) -> dict[str, Outcome]:
+    def send(self, reports: list[dict[str, Any]], budget: float, stop: Callable[[], bool],
+             previous: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
         for report in reports:
             if stop():
                 break
-            outcome = self.client.send(report, timeout=budget)
+            end = time.monotonic() + budget
+            outcome = None
+            last = (previous or {}).get(report["uuid"]) or {}
+            if last.get("maybe") and isinstance(last.get("report_id"), str):
+                # OONI may have it (no answer in time, or {}): look before sending it again.
+                outcome = self.client.confirm(report, last["report_id"], timeout=budget)
+            if outcome is None:
+                outcome = self.client.send(report, timeout=max(0.0, end - time.monotonic()))
             out[report["uuid"]] = outcome
             if is_destination_failure(outcome):
                 break
@@ -137,8 +150,8 @@ class CollectorSender:
     def precheck(self, report: Mapping[str, Any]) -> Outcome | None:
         return None
 
-    def send(self, reports: list[dict[str, Any]], budget: float,
-             stop: Callable[[], bool]) -> dict[str, Outcome]:
+    def send(self, reports: list[dict[str, Any]], budget: float, stop: Callable[[], bool],
+             previous: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Outcome]:
         if not reports or stop():
             return {}
         body = [relayable(r, self.allow_public_endpoint) for r in reports]
@@ -147,6 +160,8 @@ class CollectorSender:
             resp = self.http.post("/relay", json_body(body),
                                   Deadline(budget, self.timeout).timeout())
         except HTTP_ERRORS as e:
+            if sent_without_answer(e):  # it may have stored them: wait before sending again
+                return dict.fromkeys(uuids, Outcome.maybe_delivered("timeout", "no answer in time"))
             return dict.fromkeys(uuids, classify_exception(e))
         if resp.status_code in (401, 403):
             # A token problem is the operator's to fix; the backlog waits for it.

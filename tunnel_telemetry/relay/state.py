@@ -3,6 +3,7 @@ and each destination's backoff after it failed (so one process stops sending the
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import time
@@ -93,3 +94,5 @@ class Process:
     futures: set[concurrent.futures.Future] = field(default_factory=set)
     loop_pool: concurrent.futures.ThreadPoolExecutor | None = None
     thread: threading.Thread | None = None
+    # Reports that may have arrived, by reason (timeout, accepted-without-id), and confirmed.
+    tally: collections.Counter = field(default_factory=collections.Counter)

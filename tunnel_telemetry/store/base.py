@@ -93,12 +93,14 @@ class Enqueue:
 
 @dataclass(frozen=True)
 class Claim:
-    """A pending relay leased to one owner."""
+    """A pending relay leased to one owner; ``result``: what the last attempt recorded (e.g.
+    the OONI report id of a submission that may have arrived)."""
 
     uuid: str
     report: dict[str, Any]
     attempts: int
     created: float
+    result: dict[str, Any] | None = None
 
 
 class RelayQueue(Protocol):

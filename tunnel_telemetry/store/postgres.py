@@ -342,12 +342,12 @@ class PostgresStore:
                 "UPDATE relays r SET lease_owner = %(owner)s, lease_until = %(until)s "
                 "FROM picked, reports p "
                 "WHERE r.destination = %(dest)s AND r.uuid = picked.uuid AND p.uuid = r.uuid "
-                "RETURNING r.uuid, p.body, r.attempts, r.created",
+                "RETURNING r.uuid, p.body, r.attempts, r.created, r.result",
                 {"dest": destination, "due": due, "now": now, "limit": limit, "owner": owner,
                  "until": now + lease_seconds},
             ).fetchall()
         rows.sort(key=lambda row: row[3])
-        return [Claim(row[0], row[1], row[2], row[3]) for row in rows]
+        return [Claim(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
     def finish(self, uuid: str, destination: str, owner: str, state: str, *,
                result: dict[str, Any] | None = None, error: str | None = None,

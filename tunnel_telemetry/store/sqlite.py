@@ -415,7 +415,7 @@ class SQLiteStore:
 
         def lease(conn: sqlite3.Connection) -> list[tuple]:
             rows = conn.execute(
-                "SELECT r.uuid, p.body, r.attempts, r.created FROM relays r "
+                "SELECT r.uuid, p.body, r.attempts, r.created, r.result FROM relays r "
                 "JOIN reports p ON p.uuid = r.uuid "
                 # "+" keeps the planner on relays_oldest: with relays_due it sorted the whole
                 # backlog per claim (100 ms at 100,000 pending, 0.02 ms this way).
@@ -432,7 +432,8 @@ class SQLiteStore:
             return rows
 
         rows = self._write(lease)
-        return [Claim(row[0], json.loads(row[1]), row[2], row[3]) for row in rows]
+        return [Claim(row[0], json.loads(row[1]), row[2], row[3],
+                      json.loads(row[4]) if row[4] else None) for row in rows]
 
     def finish(self, uuid: str, destination: str, owner: str, state: str, *,
                result: dict[str, Any] | None = None, error: str | None = None,

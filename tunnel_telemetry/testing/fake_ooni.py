@@ -1,9 +1,14 @@
 """A fake OONI collector on loopback that checks requests the way OONI's backend does.
 
 Speaks OONI's report protocol (``POST /report``, ``POST /report/{id}``,
-``POST /report/{id}/close``), records every request and accepted measurement, and can be
-told at run time to be slow, to fail with 5xx or 429, to reset connections or to answer
-``{}``.  Used by the tests, by the benchmark and by operators trying a relay set-up:
+``POST /report/{id}/close``) and the two calls of its measurements API a relay uses to confirm
+a submission (``GET /api/v1/measurements``, ``GET /api/v1/raw_measurement``), records every
+request and accepted measurement, and can be told at run time to be slow (past a client's
+timeout: the measurement is kept all the same), to fail with 5xx or 429, to reset connections,
+to answer ``{}`` while keeping the measurement (``fallback``: OONI's fastpath is down and the
+measurement went to its fallback store, re-uploaded later) or to answer ``{}`` and lose it
+(``empty``: the fallback store failed too).  Used by the tests, by the benchmark and by
+operators trying a relay set-up:
 
     with FakeOONI() as fake:
         ...  # point ooni-api at fake.url
@@ -11,12 +16,19 @@ told at run time to be slow, to fail with 5xx or 429, to reset connections or to
 
     python -m tunnel_telemetry.testing.fake_ooni --port 8099 --latency-ms 50
 
-Besides OONI's own checks (required fields 422; report id parsing and content consistency
-400 "Incorrect format" / "Inconsistent measurement"; AS0 / ZZ answered 200 ``{}``), the fake
-is strict where a real collector is lenient, so that client bugs show up in tests: the
-df-000 fields and formats, ``test_start_time`` equal to the opened report's, ``probe_ip``
-"127.0.0.1", and submissions only to reports it opened and has not closed or expired
-(404 "Report not found" otherwise).  ``strict=False`` keeps only OONI's own checks.
+As OONI's backend does: report ids are stateless (a well-formed id is accepted whether the
+fake opened it or not, closed or not: never 404); required fields 422; report id parsing and
+content consistency 400 "Incorrect format" / "Inconsistent measurement", the ASN compared as
+text (``AS03215`` in the body against ``3215`` in the id is inconsistent; leading zeros are
+refused outright); a country code must be two letters (``"12"`` is refused); AS0 / ZZ (also
+``AS00``, which opens a ``_0_`` report) answered 200 ``{}``; request bodies may be zstd
+(``Content-Encoding: zstd``).
+
+Stricter than OONI on purpose, so that relay bugs show up in tests (``strict=False`` keeps
+only OONI's own checks): the df-000 fields and their formats (OONI's pipeline silently loses
+a measurement whose times or annotations it cannot parse), ``test_start_time``,
+``software_*`` and ``test_version`` equal to the opened report's when the fake opened it, and
+``probe_ip`` "127.0.0.1" (never the client's address).
 
 Control over HTTP (for the command-line use): ``GET /_fake/stats``, ``POST /_fake/behave``
 with ``{"latency_ms": 50, "fault": {"kind": "503", "times": 3}}``, ``POST /_fake/clear``.
@@ -39,16 +51,19 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import zstandard
+
 log = logging.getLogger(__name__)
 
 OPS = ("open", "submit", "close")
-FAULT_KINDS = ("status", "429", "reset", "disconnect", "empty")
+FAULT_KINDS = ("status", "429", "reset", "disconnect", "empty", "fallback")
 OONI_TIME = "%Y-%m-%d %H:%M:%S"
 _OONI_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 _OPEN_REQUIRED = (
@@ -77,7 +92,7 @@ class _Reject(Exception):
 class Fault:
     """A misbehaviour applied to matching requests (``times`` None: until cleared)."""
 
-    kind: str  # "status" (use status), "429", "reset", "disconnect", "empty"
+    kind: str  # "status" (use status), "429", "reset", "disconnect", "empty", "fallback"
     status: int = 503
     retry_after: str | None = None
     times: int | None = None
@@ -120,6 +135,7 @@ class Measurement:
     measurement_uid: str
     content: dict[str, Any]
     received: float = field(default_factory=time.time)
+    fallback: bool = False  # answered {}: kept in the fallback store
 
     @property
     def uuid(self) -> str | None:
@@ -182,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         fake = self.server.fake
         if path.startswith("/_fake/"):
             status, payload = fake._control(method, path, body)
@@ -190,7 +206,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         rec = RecordedRequest(method, self.path, dict(self.headers.items()), body)
         fake._record(rec)
-        status, payload, headers = fake._handle(method, path, body, rec)
+        if (self.headers.get("Content-Encoding") or "").lower() == "zstd":
+            try:
+                body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            except zstandard.ZstdError:
+                body = b""  # not zstd: "body is not JSON" below
+        status, payload, headers = fake._handle(method, path, body, rec, query)
         rec.status = status
         if status == -1:  # reset: RST instead of an answer
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -230,6 +251,7 @@ class FakeOONI:
         self.host = host
         self.port = port
         self.latency = latency
+        self.slow_ops = OPS
         self.strict = strict
         self.collector_id = collector_id
         self._lock = threading.Lock()
@@ -282,9 +304,11 @@ class FakeOONI:
 
     # -- run-time behaviour ---------------------------------------------------------------
 
-    def set_latency(self, seconds: float) -> None:
-        """Delay every answer by ``seconds``."""
+    def set_latency(self, seconds: float, ops: Iterable[str] = OPS) -> None:
+        """Delay answers to ``ops`` by ``seconds`` (slow mode: past a client's timeout the
+        request is still carried out, as OONI does, and the answer goes nowhere)."""
         self.latency = seconds
+        self.slow_ops = tuple(ops)
 
     def fail(
         self,
@@ -295,8 +319,9 @@ class FakeOONI:
         probability: float = 1.0,
         ops: Iterable[str] = ("open", "submit"),
     ) -> None:
-        """Misbehave on matching requests: an HTTP status (e.g. 503), 429, reset, disconnect
-        or empty (200 ``{}``: a submission checked but dropped, an open without report id),
+        """Misbehave on matching requests: an HTTP status (e.g. 503), 429, reset, disconnect,
+        empty (200 ``{}``: a submission checked but dropped, an open without report id) or
+        fallback (200 ``{}`` for a submission that is kept all the same),
         ``times`` times or until ``clear_faults()``."""
         status = 503
         if isinstance(kind, int) or str(kind).isdigit():
@@ -316,12 +341,6 @@ class FakeOONI:
         with self._lock:
             self._faults.clear()
 
-    def expire_reports(self) -> None:
-        """Forget every open report: later submissions to them get 404 (as if expired)."""
-        with self._lock:
-            for rep in self._reports.values():
-                rep.expired = True
-
     def reset(self) -> None:
         """Forget all records, reports and faults."""
         with self._lock:
@@ -338,9 +357,11 @@ class FakeOONI:
     # -- records --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters: connections accepted, requests, opens, submissions (accepted), closes,
-        dropped (200 ``{}``), rejected, faults injected, distinct uuids, duplicate deliveries,
-        reports still open, and the most requests it was answering at once (max_in_flight)."""
+        """Counters: connections accepted, requests, opens, submissions (accepted, with those
+        kept in the fallback store), closes, dropped (200 ``{}``, lost), fallback (200 ``{}``,
+        kept), measurements API calls, rejected, faults injected, distinct uuids, duplicate
+        deliveries, reports still open, and the most requests it answered at once
+        (max_in_flight)."""
         with self._lock:
             return {
                 "connections": self._counts["connections"],
@@ -349,6 +370,8 @@ class FakeOONI:
                 "submissions": self._counts["submit"],
                 "closes": self._counts["close"],
                 "dropped": self._counts["dropped"],
+                "fallback": self._counts["fallback"],
+                "api": self._counts["api"],
                 "rejected": self._counts["rejected"],
                 "faults": self._counts["fault"],
                 "uuids": len(self._uuids),
@@ -415,12 +438,14 @@ class FakeOONI:
         return None
 
     def _handle(
-        self, method: str, path: str, body: bytes, rec: RecordedRequest
+        self, method: str, path: str, body: bytes, rec: RecordedRequest, query: str = ""
     ) -> tuple[int, Any, dict[str, str]]:
         with self._lock:
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
+            if method == "GET" and path.startswith("/api/v1/"):
+                return self._api(path, urllib.parse.parse_qs(query))
             return self._answer(method, path, body, rec)
         finally:
             with self._lock:
@@ -429,8 +454,6 @@ class FakeOONI:
     def _answer(
         self, method: str, path: str, body: bytes, rec: RecordedRequest
     ) -> tuple[int, Any, dict[str, str]]:
-        if self.latency > 0:
-            time.sleep(self.latency)
         if method != "POST":
             return 405, {"detail": "Method Not Allowed"}, {}
         if path == "/report":
@@ -441,6 +464,8 @@ class FakeOONI:
             op, rid = "submit", m.group(1)
         else:
             return 404, {"detail": "Not Found"}, {}
+        if self.latency > 0 and op in self.slow_ops:
+            time.sleep(self.latency)
         fault = self._fault_for(op)
         if fault is not None and fault.kind != "empty":
             if fault.kind == "reset":
@@ -458,7 +483,7 @@ class FakeOONI:
                 return 200, self._open(body), {}
             if op == "close":
                 return 200, self._close(rid), {}
-            return 200, self._submit(rid, body, empty=fault is not None), {}
+            return 200, self._submit(rid, body, empty=fault.kind if fault else None), {}
         except _Reject as e:
             with self._lock:
                 self._counts["rejected"] += 1
@@ -496,6 +521,8 @@ class FakeOONI:
         cc = data.get("probe_cc", "ZZ").upper().replace("_", "")
         if len(cc) != 2:
             cc = "ZZ"
+        if not cc.isalpha():
+            raise _Reject(400, "Incorrect format", "probe_cc not two letters")
         test_name = data.get("test_name", "").lower()
         if self.strict:
             self._check_open_strict(data)
@@ -554,10 +581,7 @@ class FakeOONI:
                 self._counts["dropped"] += 1
             return {}
         with self._lock:
-            rep = self._reports.get(rid)
-        if self.strict and (rep is None or rep.closed or rep.expired):
-            state = "unknown" if rep is None else ("closed" if rep.closed else "expired")
-            raise _Reject(404, "Report not found", f"report id {state}")
+            rep = self._reports.get(rid)  # None when another instance opened it: still fine
         try:
             data = json.loads(body)
         except ValueError:
@@ -575,37 +599,71 @@ class FakeOONI:
             raise _Reject(400, "Incorrect format", f"content lacks {e.args[0]}") from None
         if cc.upper() != m_cc.upper():
             raise _Reject(400, "Inconsistent measurement", "probe_cc differs from report id")
-        if asn.upper().lstrip("AS") != m_asn.upper().lstrip("AS"):
+        if not (3 <= len(m_asn) <= 12 and re.fullmatch(r"AS(0|[1-9]\d*)", m_asn)):
+            raise _Reject(400, "Incorrect format", "probe_asn malformed (leading zeros?)")
+        if asn != m_asn[2:]:  # compared as text, as OONI does
             raise _Reject(400, "Inconsistent measurement", "probe_asn differs from report id")
         if test_name != m_tn.replace("_", ""):
             raise _Reject(400, "Inconsistent measurement", "test_name differs from report id")
-        if not re.fullmatch(r"[A-Z0-9]{2}", m_cc):
+        if not re.fullmatch(r"[A-Z]{2}", m_cc):
             raise _Reject(400, "Incorrect format", "probe_cc malformed")
-        if not (3 <= len(m_asn) <= 12 and re.fullmatch(r"AS\d+", m_asn)):
-            raise _Reject(400, "Incorrect format", "probe_asn malformed")
         if not (1 <= len(m_tn) <= 30 and m_tn == m_tn.lower()):
             raise _Reject(400, "Incorrect format", "test_name malformed")
         if self.strict:
-            assert rep is not None
             self._check_content_strict(rid, rep, content)
-        if empty:
+        if empty == "empty":  # the fallback store failed too: lost
             with self._lock:
                 self._counts["dropped"] += 1
             return {}
         h = hashlib.sha512(body).hexdigest()[:16]
         uid = f"{datetime.now(UTC).strftime('%Y%m%d%H%M%S.%f')}_{cc}_{test_name}_{h}"
-        m = Measurement(rid, uid, content)
+        m = Measurement(rid, uid, content, fallback=empty == "fallback")
         with self._lock:
             self.measurements.append(m)
             self._counts["submit"] += 1
+            self._counts["fallback"] += m.fallback
             if rep is not None:
                 rep.measurements += 1
             if m.uuid:
                 self._uuids[m.uuid] += 1
-        return {"measurement_uid": uid}
+        return {} if m.fallback else {"measurement_uid": uid}
+
+    def _api(self, path: str, query: dict[str, list[str]]) -> tuple[int, Any, dict[str, str]]:
+        """The measurements API, as far as a relay uses it: search by report id (and
+        measurement_start_time since / until), and one raw measurement by its uid."""
+        def arg(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        with self._lock:
+            self._counts["api"] += 1
+            kept = list(self.measurements)
+        if path == "/api/v1/measurements":
+            rid, since, until = arg("report_id"), arg("since"), arg("until")
+            limit = int(arg("limit") or 100)
+            found = []
+            for m in kept:
+                start = str(m.content.get("measurement_start_time", "")).replace(" ", "T")
+                if rid is not None and m.report_id != rid:
+                    continue
+                if (since and start < since) or (until and start >= until):
+                    continue
+                found.append({"measurement_uid": m.measurement_uid, "report_id": m.report_id,
+                              "measurement_start_time": start + "Z",
+                              "test_name": m.content.get("test_name"),
+                              "probe_cc": m.content.get("probe_cc"),
+                              "probe_asn": m.content.get("probe_asn")})
+            return 200, {"metadata": {"count": len(found[:limit])}, "results": found[:limit]}, {}
+        if path == "/api/v1/raw_measurement":
+            uid = arg("measurement_uid")
+            for m in kept:
+                if m.measurement_uid == uid:
+                    return 200, m.content, {}
+            return 404, {"error": "Measurement not found"}, {}
+        return 404, {"detail": "Not Found"}, {}
 
     @staticmethod
-    def _check_content_strict(rid: str, rep: OpenReport, c: dict[str, Any]) -> None:
+    def _check_content_strict(rid: str, rep: OpenReport | None, c: dict[str, Any]) -> None:
         def bad(reason: str) -> _Reject:
             return _Reject(400, "Incorrect format", reason)
 
@@ -625,7 +683,7 @@ class FakeOONI:
             if not (isinstance(c[k], str) and _OONI_TIME_RE.match(c[k])):
                 raise bad(f"{k} not YYYY-MM-DD HH:MM:SS")
         for k in ("test_start_time", "test_version", "software_name", "software_version"):
-            if c[k] != rep.meta[k]:
+            if rep is not None and c[k] != rep.meta[k]:
                 raise bad(f"{k} differs from the opened report's")
         if c["probe_ip"] != "127.0.0.1":
             raise bad("probe_ip must be 127.0.0.1 (never share the probe's address)")
@@ -662,8 +720,6 @@ class FakeOONI:
                 if f := data.get("fault"):
                     f = dict(f)
                     self.fail(f.pop("kind"), **f)
-                if data.get("expire_reports"):
-                    self.expire_reports()
                 return 200, {"ok": True}
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             return 400, {"detail": f"bad control request: {e}"}

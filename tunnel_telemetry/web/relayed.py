@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ReportError
 from ..pipeline.scrub import scrub
-from ..protocol.fields import parse_time
+from ..protocol.fields import MAX_ASN, canonical_asn, parse_time
 from ..protocol.schema import schema_errors
 from ..relay import NullRelay, Relay
 from ..relay.ooni import explorer_link
@@ -45,6 +45,9 @@ def check_relayed(item: Any) -> list[dict[str, str]]:
             parse_time(item[key])
         except ValueError as e:
             errors.append({"path": f"$.{key}", "message": str(e)})
+    for key in ("client_asn", "endpoint_asn"):
+        if canonical_asn(item[key]) is None:
+            errors.append({"path": f"$.{key}", "message": f"must be at most AS{MAX_ASN}"})
     uid, link = item.get("ooni-measurement-id"), item.get("ooni-measurement-link")
     if link is not None and (uid is None or link != explorer_link(uid)):
         errors.append({"path": "$.ooni-measurement-link",
@@ -81,7 +84,9 @@ def receive_batch(payload: Any, store: Reports,  # noqa: ANN401 - any JSON value
                            for e in errors],
             })
             continue
-        report = scrub(dict(item, uuid=str(uuidlib.UUID(item["uuid"]))),
+        report = scrub(dict(item, uuid=str(uuidlib.UUID(item["uuid"])),
+                            client_asn=canonical_asn(item["client_asn"]),
+                            endpoint_asn=canonical_asn(item["endpoint_asn"])),
                        config.allow_public_endpoint)
         kept, new = store.add(report, relay.enqueue(report, attempt_now=False))
         stored.append(kept["uuid"])
