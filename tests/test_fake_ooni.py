@@ -361,3 +361,55 @@ def test_command_line_rejects_bad_fault():
     r = subprocess.run([sys.executable, "-m", "tunnel_telemetry.testing.fake_ooni",
                         "--fail", "explode"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "unknown fault kind" in r.stderr
+
+
+# -- as OONI's backend: fallback store, zstd, canonical ASN / CC, measurements API --------------
+
+def test_fallback_answers_empty_but_keeps_the_measurement_findable(fake, http):
+    rid = open_report(http, fake)
+    fake.fail("fallback", times=1, ops=["submit"])
+    r = submit(http, fake, rid)
+    assert (r.status_code, r.json()) == (200, {})
+    s = fake.stats()
+    assert (s["submissions"], s["fallback"], s["dropped"], s["uuids"]) == (1, 1, 0, 1)
+    found = http.get(f"{fake.url}/api/v1/measurements", timeout=5, params={
+        "report_id": rid, "since": "2024-04-18T09:59:57", "until": "2024-04-18T10:00:00"}).json()
+    [item] = found["results"]
+    raw = http.get(f"{fake.url}/api/v1/raw_measurement", timeout=5,
+                   params={"measurement_uid": item["measurement_uid"]}).json()
+    assert raw["annotations"]["report_uuid"] == UUID
+    outside = http.get(f"{fake.url}/api/v1/measurements", timeout=5, params={
+        "report_id": rid, "since": "2024-04-18T10:00:00"}).json()
+    assert outside["results"] == []
+
+
+def test_zstd_request_bodies_are_accepted(fake, http):
+    zstandard = pytest.importorskip("zstandard")
+    rid = open_report(http, fake)
+    body = json.dumps({"format": "json", "content": content(rid)}).encode()
+    r = http.post(f"{fake.url}/report/{rid}", data=zstandard.ZstdCompressor().compress(body),
+                  headers={"Content-Encoding": "zstd", "Content-Type": "application/json"},
+                  timeout=5)
+    assert r.status_code == 200 and "measurement_uid" in r.json()
+
+
+def test_digit_country_codes_and_leading_zero_asns_are_refused(fake, http):
+    assert http.post(f"{fake.url}/report", json=open_body(probe_cc="12"),
+                     timeout=5).status_code == 400
+    rid = open_report(http, fake, probe_asn="AS3215")
+    assert "_3215_" in rid
+    r = submit(http, fake, rid, probe_asn="AS03215")
+    assert (r.status_code, r.json()["detail"]) == (400, "Incorrect format")
+    unknown = open_report(http, fake, probe_asn="AS00")  # not recognised as AS0 at the open...
+    assert "_0_" in unknown
+    assert submit(http, fake, unknown, probe_asn="AS00").json() == {}  # ... dropped on submit
+    assert fake.stats()["dropped"] == 1
+
+
+def test_slow_mode_keeps_what_the_client_gave_up_on(fake, http):
+    rid = open_report(http, fake)
+    fake.set_latency(0.5, ops=["submit"])
+    with pytest.raises(requests.Timeout):
+        http.post(f"{fake.url}/report/{rid}", json={"format": "json", "content": content(rid)},
+                  timeout=0.1)
+    fake.wait_for(lambda s: s["submissions"] == 1, timeout=5)

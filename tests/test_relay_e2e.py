@@ -172,3 +172,34 @@ def test_chain_a_to_b_keeps_client_ip_and_endpoint_from_b(tt_server, fake, geo_d
     text = fake.all_text()
     assert client_ip not in text and endpoint_ip not in text
     assert client_ip.encode() not in stored_bytes(a)
+
+
+def test_fallback_answers_survive_a_restart_and_are_confirmed_not_resent(tt_server, fake):
+    """OONI's fastpath down: {} for every submission (kept in its fallback store). Nothing is
+    sent twice, across a restart in the middle; once the wait is over each report is found
+    through the measurements API and gets its explorer link."""
+    fake.fail("fallback", ops=["submit"])
+    args = ["--ooni-relay", "--ooni-api", fake.url, "--workers", "2", *FAST]
+    a = tt_server(*args, "--relay-confirm-delay", "1h")
+    bodies = [post(a) for _ in range(4)]
+    assert {b["relay"]["ooni-reason"].split(":")[0] for b in bodies} == {"accepted-without-id"}
+    a.stop()
+    assert fake.stats()["submissions"] == 4
+    fake.clear_faults()
+    a.start()  # same database; the reports wait the hour: nothing is sent again
+    assert backlog(a)["ooni"]["pending"] == 4
+    a.stop()
+    assert fake.stats()["submissions"] == 4
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{a.workdir}/tt-data/reports.db",
+           "OONI_RELAY": "true", "OONI_API": fake.url, "TT_CONFIG": ""}
+    result = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "relay", "--once"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ooni: 4 delivered; 0 still pending" in result.stdout  # confirmed, not resent
+    s = fake.stats()
+    assert (s["submissions"], s["duplicates"], s["fallback"]) == (4, 0, 4)
+    store = db_of(a)
+    try:
+        assert all("ooni-measurement-link" in store.get(b["uuid"]) for b in bodies)
+    finally:
+        store.close()

@@ -637,3 +637,16 @@ def test_a_database_file_gone_while_open_is_503_not_a_ghost_write(tmp_path, how)
             store.add(report(), Enqueue(["ooni"]))
         assert not path.exists(), "no empty database is started in its place"
     store.close()
+
+
+def test_make_due_leaves_what_may_have_arrived_unless_asked(store):
+    uid = store.add(report(), Enqueue(["ooni"]))[0]["uuid"]
+    [c] = store.claim("ooni", 10, "w", 30)
+    store.finish(uid, "ooni", "w", "pending", next_attempt=time.time() + 3600,
+                 result={"report_id": "r1", "maybe": True})
+    assert store.make_due("ooni") == 0
+    assert store.make_due("ooni", unconfirmed=True) == 1
+    [again] = store.claim("ooni", 10, "w", 30)
+    assert again.result == {"report_id": "r1", "maybe": True}  # what the sender confirms with
+    store.finish(uid, "ooni", "w", "pending", error="http-503")  # the last result is kept
+    assert store.relay_state(uid)["ooni"]["result"]["maybe"] is True

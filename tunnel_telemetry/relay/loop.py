@@ -35,7 +35,7 @@ class RetryLoop:
         summary: dict[str, Counter] = {}
         for dest in self._dests:
             if now_all:
-                self.store.make_due(dest)
+                self.store.make_due(dest, unconfirmed=True)
             summary[dest] = self._drain(ps, dest, ignore_hold=now_all)
         return summary
 

@@ -10,10 +10,13 @@ per report and destination:
   with exponential backoff and jitter, and gives up after ``relay-max-age`` (``loop``);
 * ``tt-server relay --once`` tries every pending report now, whatever its backoff.
 
-Delivery is at least once: a report is sent again when its outcome was not recorded (a process
-died, or its attempt outlived its lease, between the secondary's answer and the local commit)
-or when an attempt timed out after the secondary took it.  Every relayed report carries its
-uuid so secondaries can deduplicate.
+Delivery is at least once, exactly once in the normal case: a report is sent again when its
+outcome was not recorded (a process died, or its attempt outlived its lease, between the
+secondary's answer and the local commit). An answer that does not say whether the report
+arrived (none within relay-attempt-timeout, or OONI's ``{}`` from its fallback store) makes it
+"maybe delivered": it waits relay-confirm-delay, then OONI's measurements API is asked before
+it is sent again (a collector gets it again; it stores each uuid once). Every relayed report
+carries its uuid so secondaries can deduplicate.
 """
 
 from __future__ import annotations

@@ -390,14 +390,17 @@ class PostgresStore:
                 (next_attempt, list(uuids), destination, owner),
             ).rowcount
 
-    def make_due(self, destination: str, now: float | None = None) -> int:
-        """Make every pending relay to ``destination`` due now, whatever its backoff."""
+    def make_due(self, destination: str, now: float | None = None, *,
+                 unconfirmed: bool = False) -> int:
+        """Make the pending relays to ``destination`` due now, whatever their backoff; those
+        that may have arrived (``maybe`` in their result) only with ``unconfirmed``."""
         now = time.time() if now is None else now
         with self._tx() as conn:
             return conn.execute(
                 "UPDATE relays SET next_attempt = %s "
-                "WHERE destination = %s AND state = 'pending' AND next_attempt > %s",
-                (now, destination, now),
+                "WHERE destination = %s AND state = 'pending' AND next_attempt > %s "
+                "AND (%s OR result IS NULL OR NOT result ? 'maybe')",
+                (now, destination, now, unconfirmed),
             ).rowcount
 
     def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),

@@ -482,13 +482,16 @@ class SQLiteStore:
 
         return self._grouped(update)
 
-    def make_due(self, destination: str, now: float | None = None) -> int:
-        """Make every pending relay to ``destination`` due now, whatever its backoff."""
+    def make_due(self, destination: str, now: float | None = None, *,
+                 unconfirmed: bool = False) -> int:
+        """Make the pending relays to ``destination`` due now, whatever their backoff; those
+        that may have arrived (``maybe`` in their result) only with ``unconfirmed``."""
         now = time.time() if now is None else now
         return self._write(lambda conn: conn.execute(
             "UPDATE relays SET next_attempt = ? "
-            "WHERE destination = ? AND state = 'pending' AND next_attempt > ?",
-            (now, destination, now),
+            "WHERE destination = ? AND state = 'pending' AND next_attempt > ? "
+            "AND (? OR result IS NULL OR json_extract(result, '$.maybe') IS NULL)",
+            (now, destination, now, unconfirmed),
         ).rowcount)
 
     def requeue(self, destination: str, states: tuple[str, ...] = ("failed",),

@@ -467,7 +467,7 @@ class FakeOONI:
         if self.latency > 0 and op in self.slow_ops:
             time.sleep(self.latency)
         fault = self._fault_for(op)
-        if fault is not None and fault.kind != "empty":
+        if fault is not None and fault.kind not in ("empty", "fallback"):
             if fault.kind == "reset":
                 return -1, None, {}
             if fault.kind == "disconnect":
@@ -476,7 +476,7 @@ class FakeOONI:
                 hdr = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
                 return 429, {"detail": "Too Many Requests"}, hdr
             return fault.status, {"detail": "Injected failure"}, {}
-        if fault is not None and op == "open":  # empty: an answer without a report id
+        if fault is not None and op == "open":  # empty, fallback: an answer without a report id
             return 200, {}, {}
         try:
             if op == "open":
@@ -734,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay every answer")
     p.add_argument("--fail", metavar="KIND",
-                   help="misbehave: an HTTP status (503), 429, reset, disconnect or empty")
+                   help="misbehave: an HTTP status (503), 429, reset, disconnect, fallback "
+                        "(200 {}, kept) or empty (200 {}, lost)")
     p.add_argument("--fail-rate", type=float, default=1.0,
                    help="fraction of open/submit requests that misbehave (default 1)")
     p.add_argument("--retry-after", help="Retry-After value sent with 429")
