@@ -4,121 +4,55 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import threading
-import time
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from .. import metrics
-from ..logs import REDACTED_ATTR, RedactingFilter
-from ..pipeline.scrub import scrub_text
+from ..logs import RedactingFilter
+from ..web import ROUTE_KEY
 
 # No %(h)s (remote address), no headers, no query string: nothing that identifies a client.
 ACCESS_LOG_FORMAT = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
-FLUSH_LINES = 64  # access lines written together at most
-FLUSH_SECONDS = 0.2  # and at the latest this long after the first of them
 
 
 class ScrubbingLogger(GunicornLogger):
-    """Gunicorn's logger with IP addresses redacted from error and access logs.
-
-    Gunicorn itself writes client addresses into some messages ("Invalid request from ip=...").
-    """
-
-    _stamp_cache: tuple[int, str] = (0, "")
-    _buffered = False
+    """Gunicorn's logger, with IP addresses redacted from every record and access lines that
+    know only a few harmless fields: the path is the route's rule (``/report``), never what
+    the client typed (``-`` for a path no route matches)."""
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
-        # Plain streams and files get access lines in batches (one write per FLUSH_LINES lines
-        # or FLUSH_SECONDS, see flush_access); a syslog or custom handler gets one per request.
-        self._buffered = bool(self.access_log.handlers) and all(
-            type(h) in (logging.StreamHandler, logging.FileHandler)
-            for h in self.access_log.handlers)
-        self._pending: list[str] = []
-        self._pending_lock = threading.Lock()
-        self._flushed = time.monotonic()
-        if not getattr(self, "_fork_hook", False):  # setup() runs again on every SIGHUP
-            os.register_at_fork(after_in_child=self._after_fork)
-            self._fork_hook = True
         for logger in (self.error_log, self.access_log):
             for handler in logger.handlers:
                 if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                     handler.addFilter(RedactingFilter())
 
-    def access(self, resp: Any, req: Any, environ: dict, request_time: Any) -> None:
-        """Log one request in ACCESS_LOG_FORMAT, built directly from the fields it names.
-
-        Gunicorn's generic version builds a dict of every header and environ key per request
-        (~10% of a report's CPU under load); any other format still goes through it.
-        """
-        if not self.cfg.accesslog or self.cfg.access_log_format != ACCESS_LOG_FORMAT:
-            super().access(resp, req, environ, request_time)
-            return
+    def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict[str, Any]:
+        """The atoms an access_log_format may use; anything else (%(h)s, headers, environ,
+        query) is ``-``."""
         status = resp.status
         if isinstance(status, str):
             status = status.split(None, 1)[0]
-        millis = request_time.seconds * 1000 + request_time.microseconds // 1000
-        path = environ.get("PATH_INFO", "")
-        if path not in _KNOWN_PATHS:  # anything a client typed: escaped, addresses redacted
-            path = scrub_text(_UNSAFE.sub(_escape, path))
-        line = '%s "%s %s %s" %s %s %sms' % (  # noqa: UP031 - one string, no record args
-            self._stamp(), environ.get("REQUEST_METHOD"), path,
-            environ.get("SERVER_PROTOCOL"), status, getattr(resp, "sent", None), millis)
-        if not self._buffered:
-            self._write([line])
-            return
-        with self._pending_lock:
-            self._pending.append(line)
-            if (len(self._pending) < FLUSH_LINES
-                    and time.monotonic() - self._flushed < FLUSH_SECONDS):
-                return
-            lines, self._pending = self._pending, []
-            self._flushed = time.monotonic()
-        self._write(lines)
-
-    def flush_access(self) -> None:
-        """Write the access lines held back (the worker calls this every 0.2 s and on exit)."""
-        if not self._buffered:
-            return
-        with self._pending_lock:
-            lines, self._pending = self._pending, []
-            self._flushed = time.monotonic()
-        if lines:
-            self._write(lines)
-
-    def _write(self, lines: list[str]) -> None:
-        try:
-            self.access_log.info("\n".join(lines), extra=_REDACTED)
-        except Exception:  # noqa: BLE001 - as gunicorn: a log failure must not fail a request
-            self.error("access log failed")
-
-    def _after_fork(self) -> None:
-        self._pending_lock = threading.Lock()
-        self._pending = []
-
-    def _stamp(self) -> str:
-        """Gunicorn's ``[%d/%b/%Y:%H:%M:%S %z]``, formatted once a second."""
-        now = int(time.time())
-        cached = self._stamp_cache
-        if cached[0] != now:
-            cached = self._stamp_cache = (now, time.strftime("[%d/%b/%Y:%H:%M:%S %z]",
-                                                             time.localtime(now)))
-        return cached[1]
+        method, route = environ.get("REQUEST_METHOD", "-"), route_of(environ)
+        protocol = environ.get("SERVER_PROTOCOL", "-")
+        sent = getattr(resp, "sent", None)
+        micros = request_time.seconds * 1_000_000 + request_time.microseconds
+        return {"t": self.now(), "r": f"{method} {route} {protocol}", "s": status,
+                "m": method, "U": route, "H": protocol, "B": sent,
+                "b": "-" if sent is None else str(sent), "T": request_time.seconds,
+                "D": micros, "M": micros // 1000, "p": f"<{os.getpid()}>",
+                "L": f"{request_time.seconds}.{request_time.microseconds:06d}"}
 
 
-_KNOWN_PATHS = frozenset(("/report", "/relay", "/healthz", "/", "/version",
-                          "/report.schema.json"))
-_REDACTED = {REDACTED_ATTR: True}  # built from checked parts: RedactingFilter can skip it
-_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
+def route_of(environ: dict) -> str:
+    """The rule of the route that served this request (web.ROUTE_KEY), ``-`` if none did."""
+    return environ.get(ROUTE_KEY) or "-"
 
 
-def _escape(match: re.Match) -> str:
-    """\\xNN for a quote, backslash or control character of a path (no forged log lines)."""
-    return f"\\x{ord(match.group(0)):02x}"
+def pre_request(worker: Any, req: Any) -> None:
+    """Gunicorn's default logs each request's raw path at debug level: log nothing."""
 
 
 def _services(worker: Any) -> Any:
@@ -135,9 +69,6 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Release per-worker resources (open relay reports, connections) on shutdown."""
-    flush = getattr(worker.log, "flush_access", None)
-    if flush is not None:
-        flush()
     svc = _services(worker)
     if svc is not None:
         try:
@@ -164,7 +95,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": [config.listen],
         "workers": config.workers or os.cpu_count() or 1,
-        # gevent with deadlines and JSON error pages (see worker.py).
+        # gunicorn's gevent worker, with deadlines, connection caps and JSON errors (worker.py).
         "worker_class": "tunnel_telemetry.server.worker.CollectorWorker",
         "worker_connections": config.worker_connections,
         "preload_app": True,
@@ -175,7 +106,8 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         "loglevel": "debug" if config.debug else "info",
         "timeout": 30,
         "graceful_timeout": 20,
-        "keepalive": 5,
+        "keepalive": 5,  # on; the wait for a kept-alive request is header-timeout (worker.py)
+        "pre_request": pre_request,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
         "on_reload": on_reload,

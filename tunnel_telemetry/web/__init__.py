@@ -11,6 +11,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+ROUTE_KEY = "tunnel_telemetry.route"  # WSGI environ: the rule of the route that matched
+
 
 @dataclass
 class Services:
@@ -58,7 +60,7 @@ def git_commit() -> str | None:
 
 def create_app(config: Any = None) -> Any:
     """Build the Flask app. ``config``: a Config, a mapping of option names, or None (env/file)."""
-    from flask import Flask
+    from flask import Flask, request
 
     from .. import metrics
     from ..config import Config, load_config
@@ -109,6 +111,14 @@ def create_app(config: Any = None) -> Any:
         housekeeping=Housekeeping(config, store, geo, run_dir))
     app.register_blueprint(bp)
     app.register_blueprint(aggregates_bp)
+
+    @app.before_request
+    def _name_route() -> None:
+        # Logs name the route, never the path a client typed (server.ScrubbingLogger); first,
+        # so that requests the limits refuse are named too.
+        req = request._get_current_object()
+        req.environ[ROUTE_KEY] = req.url_rule.rule if req.url_rule is not None else None
+
     metrics.init_app(app)  # before the limits: a refused request is timed too
     init_limits(app, limits)
 
