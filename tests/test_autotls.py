@@ -326,6 +326,7 @@ def test_reloading_ssl_context_follows_replaced_files(tmp_path, caplog):
         assert gunicorn_ssl_context(conf) is context  # mismatch: keep serving the old one
     assert "serving the previous certificate" in caplog.text
     write_private(cert, cert2.read_bytes())
+    assert served_serial(context, ca2) == second  # a worker's one context follows the files
     renewed = gunicorn_ssl_context(conf)
     assert renewed is not context and served_serial(renewed, ca2) == second
 

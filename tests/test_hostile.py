@@ -524,6 +524,15 @@ def test_chunked_body_over_the_limit_is_refused_without_reading_to_the_end(serve
     assert "65536" in answer["msg"]
 
 
+def test_declared_chunk_over_the_limit_is_refused_at_once(servers):
+    """A chunk announced larger than max-report-size: 413 without waiting for its bytes."""
+    server = servers["default"]
+    data = post_head(chunked=True) + f"{LIMIT + 1:x}\r\n".encode() + b"{" * 10
+    status, headers, body = raw_request(server, data, timeout=3.0)
+    answer = assert_json_error(status, headers, body, 413)
+    assert "65536" in answer["msg"]
+
+
 def test_chunked_report_in_small_pieces_is_read_whole(servers):
     server = servers["default"]
     report = dumps(make_report())

@@ -193,7 +193,7 @@ def run_everything(a, fake):
     # A slow client cut off, a worker killed, the geo databases reloaded.
     with socket.create_connection(("127.0.0.1", a.port), timeout=10) as sock:
         sock.sendall(f"POST /report HTTP/1.1\r\nX-Forwarded-For: {CLIENT_V4}\r\n".encode())
-        assert b"408" in sock.recv(1000)
+        assert sock.recv(1000) == b""  # header-timeout: closed
     os.kill(a.worker_pids()[0], signal.SIGKILL)
     os.kill(a.proc.pid, signal.SIGHUP)
     deadline = time.monotonic() + 20

@@ -246,10 +246,22 @@ OPTIONS: tuple[Option, ...] = (
            "Request bodies one client address may be sending to one worker process at once "
            "(a slow upload holds a connection); more get 429 (0: off)."),
     Option("header-timeout", "duration", 10.0,
-           "Time a client has, from its first byte, to send the request line and headers."),
+           "Time a client has to send a request's line and headers, from the connection's "
+           "start (TLS handshake included) or the previous answer; then the connection is "
+           "closed."),
     Option("request-timeout", "duration", 30.0,
-           "Time a client has to send a whole request, body included (slow clients are cut "
-           "off with 408)."),
+           "Time a client has to send a request's body once its head arrived (slow clients "
+           "are cut off with 408)."),
+    Option("min-upload-rate", "int", 1024,
+           "Bytes a second a request body must arrive at, on average after its first 2 s; "
+           "slower ones are cut off with 408 (0: off)."),
+    Option("max-connections-per-client", "int", 8,
+           "Open connections one client address (IPv6: per /64) may hold in each worker "
+           "process; more are answered 429 and closed (0: off). Only with proxy-hops 0."),
+    Option("max-connections-per-network", "int", 32,
+           "Open connections the clients of one network (IPv4 /24, IPv6 /48) may hold "
+           "together in each worker process; more are answered 429 and closed (0: off). "
+           "Only with proxy-hops 0."),
     Option("workers", "int", None, "Gunicorn worker processes (default: CPU count)."),
     Option("worker-connections", "int", 1000,
            "Connections one worker serves at once (gevent worker: a greenlet each); more "
@@ -373,7 +385,8 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("worker-connections: must be between 1 and 100000")
     if not 1024 <= config.max_report_size <= 16 * 1024 * 1024:
         raise ConfigError("max-report-size: must be between 1024 and 16777216 bytes")
-    for name in ("rate-limit", "max-in-flight", "max-in-flight-per-client"):
+    for name in ("rate-limit", "max-in-flight", "max-in-flight-per-client", "min-upload-rate",
+                 "max-connections-per-client", "max-connections-per-network"):
         if not 0 <= getattr(config, name.replace("-", "_")) <= 1_000_000:
             raise ConfigError(f"{name}: must be between 0 (off) and 1000000")
     if not 1 <= config.rate_limit_burst <= 1_000_000:

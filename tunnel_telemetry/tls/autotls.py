@@ -679,19 +679,24 @@ def _stamp(*paths: str | None) -> tuple:
 
 
 class ReloadingSSLContext:
-    """Gunicorn `ssl_context` hook: one SSLContext per version of certfile/keyfile.
+    """Gunicorn `ssl_context` hook: one SSLContext per process and version of certfile/keyfile.
 
-    Gunicorn builds a context (re-reading the files) for every connection; this keeps one
-    per worker and rebuilds it when a file changes (renewal, or certbot replacing a
-    `certfile`), so new connections get the new certificate without restarting workers.
+    A worker asks for its context once and serves every connection from it; on each TLS
+    ClientHello that context's ``sni_callback`` checks the files' identity (``stat``) and, when
+    they changed (renewal, or certbot replacing a `certfile`), hands the connection the context
+    of the new files, so new connections get the new certificate without restarting workers.
     If the new files do not load (e.g. a key and certificate replaced one after the other),
-    the previous context keeps serving until they do.
+    the previous context keeps serving until they do. A context is made in the process that
+    uses it: one inherited from the master predates gevent's patching of ``ssl`` in a worker,
+    and its sockets would block the whole worker. In a gevent worker, connections are wrapped
+    without a handshake, which the worker then runs with a deadline (server/worker.py).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._context: ssl.SSLContext | None = None
         self._stamp: tuple | None = None
+        self._pid = os.getpid()
 
     def __call__(self, conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]
                  ) -> ssl.SSLContext:
@@ -700,6 +705,8 @@ class ReloadingSSLContext:
         except OSError:
             stamp = None  # being replaced: keep what we have
         with self._lock:
+            if self._pid != os.getpid():
+                self._context, self._stamp, self._pid = None, None, os.getpid()
             if self._context is not None and (stamp is None or stamp == self._stamp):
                 return self._context
             try:
@@ -711,8 +718,29 @@ class ReloadingSSLContext:
                             conf.certfile, exc)
                 self._stamp = stamp  # retry when the files change again
                 return self._context
+            context.sni_callback = self._follow(conf, default_ssl_context_factory)
+            if context.sslsocket_class.__module__.startswith("gevent"):
+                context.sslsocket_class = _handshake_later(context.sslsocket_class)
             self._context, self._stamp = context, stamp
             return context
+
+    def _follow(self, conf: Any, factory: Callable[[], ssl.SSLContext]) -> Callable:
+        def on_hello(connection: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+            current = self(conf, factory)
+            if current is not context:
+                connection.context = current
+        return on_hello
+
+
+def _handshake_later(base: type) -> type:
+    """``base`` (gevent's SSLSocket) wrapping a connection without its handshake."""
+
+    class HandshakeLater(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["do_handshake_on_connect"] = False
+            super().__init__(*args, **kwargs)
+
+    return HandshakeLater
 
 
 _renewer: Renewer | None = None
