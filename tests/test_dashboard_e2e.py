@@ -138,6 +138,9 @@ def test_dashboard_plots_the_aggregates_in_a_browser(filled):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "dashboard-phone.png"))
         html = driver.page_source
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(412, height + 120)  # the whole page, still a phone's width
+        assert driver.save_screenshot(str(ARTIFACTS / "dashboard-phone-full.png"))
     finally:
         driver.quit()
     by_cc = {s["label"]: s for s in plotted["failure-client_cc"]}
@@ -164,8 +167,11 @@ def test_no_address_host_or_uuid_in_any_output(filled):
     for query in ("period=day", "period=hour&from=" + time.strftime(
             "%Y-%m-%d", time.gmtime(time.time() - 3 * DAY))):
         outputs[query] = requests.get(f"{server.url}/aggregates?{query}", timeout=10).text
-    outputs["dashboard"] = requests.get(server.url + "/dashboard", timeout=10,
-                                        headers={"Authorization": f"Bearer {TOKEN}"}).text
+    for view in ("", "?period=hour"):
+        page = requests.get(server.url + "/dashboard" + view, timeout=10,
+                            headers={"Authorization": f"Bearer {TOKEN}"})
+        assert page.status_code == 200 and page.text.count('class="series"') >= 9
+        outputs["dashboard" + view] = page.text
     for fmt in ("json", "jsonl", "csv"):
         done = subprocess.run([sys.executable, "-m", "tunnel_telemetry.cli", "aggregate",
                                "--database-url", f"sqlite:///{db}", "--format", fmt],

@@ -13,7 +13,7 @@ from markupsafe import Markup, escape
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#17becf")
 _W, _H = 640, 260
-_LEFT, _RIGHT, _TOP, _BOTTOM = 44, 12, 12, 34
+_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 12, 14, 34
 
 
 def _num(value: float) -> str:
@@ -75,7 +75,7 @@ def legend(series: dict[str, list[float | None]]) -> Markup:
 
 def bar_chart(name: str, title: str, bars: Sequence[tuple[str, float, str]]) -> Markup:
     """Horizontal bars: (label, value, text shown beside the bar), longest first."""
-    row, label_w, text_w = 26, 110, 150
+    row, label_w, text_w = 30, 110, 170
     height = max(len(bars), 1) * row + 8
     top = max((value for _, value, _ in bars), default=0) or 1
     span = _W - label_w - text_w
@@ -87,7 +87,7 @@ def bar_chart(name: str, title: str, bars: Sequence[tuple[str, float, str]]) -> 
         width = max(span * value / top, 1)
         parts.append(f'<g class="bar" data-label="{escape(label)}" data-value="{_num(value)}">'
                      f'<text x="{label_w - 6}" y="{y0 + 16}" text-anchor="end">{escape(label)}'
-                     f'</text><rect x="{label_w}" y="{y0}" width="{_num(width)}" height="20" '
+                     f'</text><rect x="{label_w}" y="{y0}" width="{_num(width)}" height="22" '
                      f'fill="{COLOURS[1]}"/><text x="{_num(label_w + width + 6)}" y="{y0 + 16}">'
                      f"{escape(text)}</text></g>")
     parts.append("</svg>")
