@@ -197,6 +197,20 @@ def test_cache_reads_a_closed_period_once(tmp_path):
     assert first["periods"][1]["reports"] == 10
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"aggregate-k": "1"}, "aggregate-k: must be between 2 and 1000000"),
+    ({"aggregate-k": "ten"}, "aggregate-k: expected a whole number"),
+    ({"dashboard-token": "short"}, "dashboard-token: must be 16-512 printable characters"),
+    ({"dashboard-token": "with a space in it, long enough"}, "dashboard-token: must be 16"),
+])
+def test_bad_options_fail_at_start(flags, message):
+    from tunnel_telemetry.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(flags=flags, env={})
+    assert str(info.value).startswith(message)
+
+
 # -- HTTP and CLI ----------------------------------------------------------------------------
 
 @pytest.fixture
