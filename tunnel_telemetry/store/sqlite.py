@@ -533,9 +533,17 @@ class SQLiteStore:
 
     def aggregate(self, start: float, end: float, width: int) -> list[tuple]:
         """Reports received in [start, end) counted per cell (``AGGREGATE_COLUMNS``): periods
-        of ``width`` seconds from the epoch (UTC hours, days), grouped by SQLite."""
-        return _aggregate_rows(
-            self._conn.execute(SQLITE_AGGREGATE, (width, width, start, end)).fetchall())
+        of ``width`` seconds from the epoch (UTC hours, days), grouped by SQLite. Offloaded:
+        a month of a busy collector takes seconds, which the worker's requests must not wait."""
+
+        def read() -> list[tuple]:
+            return self._conn.execute(SQLITE_AGGREGATE, (width, width, start, end)).fetchall()
+
+        try:
+            return _aggregate_rows(green.offload(read))
+        except sqlite3.Error as exc:
+            _log_error(f"store error: {type(exc).__name__} {sqlite_reason(exc)}")
+            raise StoreUnavailable("store_error") from None
 
     def export(self, filters: ExportFilter) -> Iterator[dict[str, Any]]:
         """The stored reports matching ``filters``, oldest first, read row by row (its own
