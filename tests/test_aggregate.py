@@ -292,3 +292,103 @@ def test_cli_prints_the_same_cells(runner, tmp_path, monkeypatch):
     assert {r["count"] for r in rows} == {"10"}
     bad = runner.invoke(main, [*args[:3], "--from", "nonsense"], env={"CONFIG": ""})
     assert bad.exit_code == 2 and "aggregate: from:" in bad.output
+
+
+# -- relayed aggregates: the receiving side ---------------------------------------------------
+
+RELAY_TOKEN = "relay-token-0123456789abcdef"
+
+
+def sent_document(store_url, tmp_path=None):
+    """A document as a primary sends it: built from a store with a day of reports."""
+    store = open_store(store_url)
+    try:
+        fill(store, store_url, 1, [report() for _ in range(12)]
+             + [report(cc="IR", failure={"op": "tcp.connect", "posix_error": "ETIMEDOUT"})
+                for _ in range(10)])
+        return {"source": "primary-1",
+                **ag.build(store, ag.parse_query({"from": "2026-12-04"}, NOW))}
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def sent(tmp_path):
+    return sent_document(f"sqlite:///{tmp_path}/primary.db")
+
+
+def edit(document, path, value):
+    """A copy of ``document`` with ``path`` (keys and indexes) set to ``value``."""
+    copy = json.loads(json.dumps(document))
+    target = copy
+    for step in path[:-1]:
+        target = target[step]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return copy
+
+
+@pytest.mark.parametrize(("path", "value", "error"), [
+    (("format",), "other/1", "$.format"),
+    (("source",), "primary 1", "$.source"),
+    (("source",), KeyError, "$.source"),
+    (("k",), 5, "$.k"),
+    (("period",), "week", "$.period"),
+    (("periods",), [], "$.periods"),
+    (("periods", 0, "start"), "2026-12-04T00:00:01Z", "$.periods[0].start"),
+    (("periods", 2, "end"), "2026-12-08T00:00:00Z", "$.periods[2].start"),
+    (("periods", 1, "reports"), 25, "$.periods[1].reports"),
+    (("periods", 1, "extra"), 1, "$.periods[1]"),
+    (("periods", 1, "cells", 0, "op"), "connect", "$.periods[1].cells[0].op"),
+    (("periods", 1, "cells", 1, "client_asn"), "1.1.1.77", "$.periods[1].cells[1].client_asn"),
+    (("periods", 1, "cells", 1, "count"), 5, "$.periods[1].cells[1].count"),
+    (("periods", 1, "cells", 1, "level"), "city", "$.periods[1].cells[1].level"),
+    (("periods", 1, "cells", 1, "uuid"), str(uuid.uuid4()), "$.periods[1].cells[1]"),
+])
+def test_relayed_documents_are_checked(sent, path, value, error):
+    ag.check_document(sent, 10, NOW)  # as sent: accepted
+    with pytest.raises(ReportError) as info:
+        ag.check_document(edit(sent, path, value), 10, NOW)
+    assert info.value.code == "bad_aggregates"
+    assert error in [e["path"] for e in info.value.errors]
+
+
+def test_store_keeps_relayed_periods(store_url, sent):
+    source, period, periods = ag.check_document(sent, 10, NOW)
+    store = open_store(store_url)
+    try:
+        assert store.add_relayed_aggregates(source, period, periods) == 3
+        assert store.add_relayed_aggregates(source, period, periods[1:2]) == 1  # replaces
+        kept = store.relayed_aggregates("primary-1", "day", T0, T0 + 3 * DAY)
+        assert store.relayed_aggregates("primary-2", "day", T0, T0 + 3 * DAY) == []
+        assert store.relayed_aggregates("primary-1", "day", T0 + DAY, T0 + 2 * DAY) == kept[1:2]
+    finally:
+        store.close()
+    assert [p["start"] for p in kept] == [p["start"] for p in sent["periods"]]
+    assert kept[1]["cells"] == sent["periods"][1]["cells"] and kept[1]["k"] == 10
+
+
+@pytest.mark.parametrize(("header", "status"), [
+    (None, 401), ("Bearer wrong-token-0123456789", 401), (f"Bearer {RELAY_TOKEN}", 200)])
+def test_post_aggregates_needs_a_relay_token(db_url, sent, header, status):
+    from tunnel_telemetry.web import create_app
+
+    app = create_app({"database-url": db_url, "relay-tokens": [RELAY_TOKEN]})
+    client = app.test_client()
+    try:
+        answer = client.post("/aggregates", json=sent,
+                             headers={"Authorization": header} if header else {})
+        assert answer.status_code == status, answer.json
+        bad = client.post("/aggregates", json=edit(sent, ("k",), 2),
+                          headers={"Authorization": f"Bearer {RELAY_TOKEN}"})
+        published = client.get("/aggregates?source=primary-1&from=2026-12-04&to=2026-12-07")
+        wrong = client.get("/aggregates?source=no%20such")
+    finally:
+        app.extensions["tunnel_telemetry"].close()
+    assert bad.status_code == 400 and bad.json["errors"][0]["path"] == "$.k"
+    assert wrong.status_code == 400 and wrong.json["errors"][0]["path"] == "source"
+    periods = published.json["periods"]
+    assert published.json["source"] == "primary-1"
+    assert periods == ([{**p, "k": 10} for p in sent["periods"]] if status == 200 else [])

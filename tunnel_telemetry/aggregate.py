@@ -220,16 +220,17 @@ def build(store: Any, query: Query, k: int = DEFAULT_K,
         published, folded, suppressed = fold(cells, k)
         total = sum(count for count, _ in cells.values())
         periods.append({
-            "start": _iso(start), "end": _iso(start + width),
+            "start": iso(start), "end": iso(start + width),
             "reports": round_count(total), "folded": round_count(folded),
             "suppressed": round_count(suppressed),
             "cells": sorted((_cell(item) for item in published), key=_sort_key),
         })
-    return {"format": FORMAT, "period": query.period, "from": _iso(query.start),
-            "to": _iso(query.end), "k": k, "rounding": ROUND_TO, "periods": periods}
+    return {"format": FORMAT, "period": query.period, "from": iso(query.start),
+            "to": iso(query.end), "k": k, "rounding": ROUND_TO, "periods": periods}
 
 
-def _iso(epoch: float) -> str:
+def iso(epoch: float) -> str:
+    """Epoch seconds as RFC 3339 UTC."""
     return format_time(datetime.fromtimestamp(epoch, UTC))
 
 
@@ -259,3 +260,114 @@ def to_json_lines(document: Mapping[str, Any]) -> Iterable[str]:
         yield json.dumps({"format": document["format"], "period": document["period"],
                           "k": document["k"], "rounding": document["rounding"], **period},
                          separators=(",", ":"))
+
+
+# -- relayed aggregates (relay-aggregates-url -> POST /aggregates) ---------------------------
+
+SOURCE = re.compile(r"[\w.:-]{1,128}", re.ASCII)
+_VOCABULARY = {"client_cc": _CC, "client_asn": _ASN, "proto": _PROTO, "endpoint_asn": _ASN,
+               "endpoint_cc": _CC, "op": _OP, "posix_error": _ERRNO}
+_NULL_AT = {"network": (), "country": ("client_asn", "endpoint_asn"),
+            "all": ("client_cc", "client_asn", "endpoint_asn", "endpoint_cc")}
+MAX_CELLS = 100_000
+
+
+def _rounded(value: Any, floor: int = 0) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= floor
+            and value % ROUND_TO == 0)
+
+
+def _cell_errors(cell: Any, path: str) -> list[dict[str, str]]:
+    if not isinstance(cell, dict) or set(cell) != set(CELL_FIELDS):
+        return [{"path": path, "message": f"must be an object of {', '.join(CELL_FIELDS)}"}]
+    errors = []
+    level = cell["level"]
+    if level not in _NULL_AT:
+        return [{"path": f"{path}.level", "message": "must be network, country or all"}]
+    failure = cell["outcome"] == "failure"
+    if cell["outcome"] not in ("success", "failure"):
+        errors.append({"path": f"{path}.outcome", "message": "must be success or failure"})
+    for name, pattern in _VOCABULARY.items():
+        value = cell[name]
+        null = (name in _NULL_AT[level] or (name in ("op", "posix_error") and not failure)
+                or name == "posix_error" and value is None)
+        if null and value is not None or not null and not (
+                isinstance(value, str) and pattern.fullmatch(value)):
+            errors.append({"path": f"{path}.{name}", "message":
+                           "must be null here" if null else "not a published value"})
+    for name in ("count", "weighted"):
+        if not _rounded(cell[name], ROUND_TO):
+            errors.append({"path": f"{path}.{name}",
+                           "message": f"must be a multiple of {ROUND_TO}, at least {ROUND_TO}"})
+    return errors
+
+
+def check_document(payload: Any, k: int, now: float) -> tuple[str, str, list[tuple[int, dict]]]:
+    """A relayed aggregate document (``source`` + the format above) -> (source, period,
+    [(start, period object)]); ReportError (400) naming the first fields at fault.
+
+    Only what this collector would publish itself is taken: closed periods, cells of the
+    vocabulary, rounded counts, and a ``k`` at least this collector's own."""
+    def bad(errors: list[dict[str, str]]) -> ReportError:
+        return ReportError("bad_aggregates", "the aggregates do not match the format",
+                           errors[:20])
+
+    if not isinstance(payload, dict):
+        raise bad([{"path": "$", "message": "must be an object"}])
+    errors = []
+    if payload.get("format") != FORMAT:
+        errors.append({"path": "$.format", "message": f"must be {FORMAT}"})
+    source = payload.get("source")
+    if not (isinstance(source, str) and SOURCE.fullmatch(source)):
+        errors.append({"path": "$.source", "message": "must be the sender's collector-id"})
+    period = payload.get("period")
+    if period not in PERIODS:
+        errors.append({"path": "$.period", "message": "must be hour or day"})
+    given_k = payload.get("k")
+    if not (isinstance(given_k, int) and not isinstance(given_k, bool) and given_k >= k):
+        errors.append({"path": "$.k", "message": f"must be at least this collector's {k}"})
+    if payload.get("rounding") != ROUND_TO:
+        errors.append({"path": "$.rounding", "message": f"must be {ROUND_TO}"})
+    periods = payload.get("periods")
+    if not (isinstance(periods, list) and 0 < len(periods) <= MAX_PERIODS):
+        errors.append({"path": "$.periods", "message": f"must list 1 to {MAX_PERIODS} periods"})
+    if errors:
+        raise bad(errors)
+    width = PERIODS[period]
+    closed = int((now - CLOSE_GRACE) // width) * width
+    out: list[tuple[int, dict]] = []
+    cells_total = 0
+    for i, item in enumerate(periods):
+        path = f"$.periods[{i}]"
+        if not isinstance(item, dict) or set(item) != {*PERIOD_FIELDS, "cells"}:
+            errors.append({"path": path, "message": "must be an object of "
+                           f"{', '.join(PERIOD_FIELDS)}, cells"})
+            continue
+        try:
+            start, end = (parse_time(item[n]).timestamp() if isinstance(item[n], str)
+                          else math.nan for n in ("start", "end"))
+        except ValueError:
+            start = end = math.nan
+        if not (start % width == 0 and end == start + width and end <= closed):
+            errors.append({"path": f"{path}.start",
+                           "message": f"must be a closed {period} (start and end)"})
+        for name in ("reports", "folded", "suppressed"):
+            if not _rounded(item[name]):
+                errors.append({"path": f"{path}.{name}",
+                               "message": f"must be a multiple of {ROUND_TO}"})
+        cells = item["cells"]
+        if not isinstance(cells, list):
+            errors.append({"path": f"{path}.cells", "message": "must be a list"})
+            continue
+        cells_total += len(cells)
+        if cells_total > MAX_CELLS:
+            errors.append({"path": f"{path}.cells", "message": f"more than {MAX_CELLS} cells"})
+            break
+        for j, cell in enumerate(cells):
+            errors.extend(_cell_errors(cell, f"{path}.cells[{j}]"))
+        if not errors:
+            out.append((int(start), {**{n: item[n] for n in PERIOD_FIELDS}, "k": given_k,
+                                     "cells": cells}))
+    if errors:
+        raise bad(errors)
+    return source, period, out

@@ -272,6 +272,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("aggregate-k", "int", 10,
            "Fewest reports a published aggregate cell may count; smaller cells are folded "
            "into coarser ones or suppressed (docs/aggregates.md)."),
+    Option("relay-aggregates-url", "str", None,
+           "Base URL of a secondary collector to send each closed day's aggregates to (POST "
+           "/aggregates with relay-token; needs collector-id; docs/aggregates.md)."),
     Option("dashboard-token", "str", None,
            "Operator token for /dashboard (HTTP Basic password or Bearer token; none: the "
            "dashboard is off).", secret=True),
@@ -430,7 +433,11 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
             raise ConfigError("autotls-check-interval: must be at least 1s")
         if not config.autotls_cache_dir:
             raise ConfigError("autotls-cache-dir: must not be empty")
-    for url in (config.ooni_api, *config.relay_url):
+    if config.relay_aggregates_url and not (config.relay_token and config.collector_id):
+        raise ConfigError("relay-aggregates-url: needs relay-token (the secondary's "
+                          "relay-tokens) and collector-id (it keeps each collector apart)")
+    aggregates_url = (config.relay_aggregates_url,) if config.relay_aggregates_url else ()
+    for url in (config.ooni_api, *config.relay_url, *aggregates_url):
         if not re.match(r"^https?://[^\s/]+", url):
             raise ConfigError(f"relay: not an http(s) URL: {url!r}")
         if "@" in url.split("/", 3)[2]:

@@ -75,6 +75,16 @@ CREATE INDEX relays_pending ON relays (destination, created) WHERE state = 'pend
     Migration(2, "reports by time received (aggregates)", """
 CREATE INDEX reports_received ON reports (received);
 """),
+    Migration(3, "aggregates relayed by other collectors", """
+CREATE TABLE relayed_aggregates (
+    source text NOT NULL,
+    period text NOT NULL,
+    start double precision NOT NULL,
+    received double precision NOT NULL,
+    body jsonb NOT NULL,
+    PRIMARY KEY (source, period, start)
+);
+"""),
 )
 
 # AGGREGATE_COLUMNS (store/base.py): a report whose failure has an op failed; its weight is
@@ -489,6 +499,26 @@ class PostgresStore:
         return self._read(
             "SELECT COUNT(*) FROM reports p WHERE received < %s AND NOT EXISTS (SELECT 1 FROM "
             "relays r WHERE r.uuid = p.uuid AND r.state = 'pending')", (before,))[0][0]
+
+    def add_relayed_aggregates(self, source: str, period: str,
+                               periods: list[tuple[int, dict[str, Any]]]) -> int:
+        """Keep the periods another collector relayed (a period sent again replaces it)."""
+        now = time.time()
+        with self._tx() as conn:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO relayed_aggregates (source, period, start, received, body) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (source, period, start) DO UPDATE "
+                    "SET received = excluded.received, body = excluded.body",
+                    [(source, period, start, now, _jsonb(body)) for start, body in periods])
+        return len(periods)
+
+    def relayed_aggregates(self, source: str, period: str, start: float,
+                           end: float) -> list[dict[str, Any]]:
+        """The periods ``source`` relayed that start in [start, end), in order."""
+        return [row[0] for row in self._read(
+            "SELECT body FROM relayed_aggregates WHERE source = %s AND period = %s "
+            "AND start >= %s AND start < %s ORDER BY start", (source, period, start, end))]
 
     def ping(self) -> bool:
         try:

@@ -113,6 +113,15 @@ CREATE INDEX IF NOT EXISTS relays_oldest ON relays (destination, state, created)
 -- aggregate() reads the reports of a time range (docs/aggregates.md), the retention purge
 -- and export walk them by age.
 CREATE INDEX IF NOT EXISTS reports_received ON reports (received);
+-- Aggregates other collectors relayed here (POST /aggregates), one row per period.
+CREATE TABLE IF NOT EXISTS relayed_aggregates (
+    source TEXT NOT NULL,
+    period TEXT NOT NULL,
+    start REAL NOT NULL,
+    received REAL NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (source, period, start)
+);
 """
 
 
@@ -591,6 +600,25 @@ class SQLiteStore:
         return self._conn.execute(
             "SELECT COUNT(*) FROM reports p WHERE received < ? AND NOT EXISTS (SELECT 1 FROM "
             "relays r WHERE r.uuid = p.uuid AND r.state = 'pending')", (before,)).fetchone()[0]
+
+    def add_relayed_aggregates(self, source: str, period: str,
+                               periods: list[tuple[int, dict[str, Any]]]) -> int:
+        """Keep the periods another collector relayed (a period sent again replaces it)."""
+        now = time.time()
+        rows = [(source, period, start, now, dumps(body)) for start, body in periods]
+        self._write(lambda conn: conn.executemany(
+            "INSERT INTO relayed_aggregates (source, period, start, received, body) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, period, start) DO UPDATE SET "
+            "received = excluded.received, body = excluded.body", rows))
+        return len(rows)
+
+    def relayed_aggregates(self, source: str, period: str, start: float,
+                           end: float) -> list[dict[str, Any]]:
+        """The periods ``source`` relayed that start in [start, end), in order."""
+        rows = self._conn.execute(
+            "SELECT body FROM relayed_aggregates WHERE source = ? AND period = ? "
+            "AND start >= ? AND start < ? ORDER BY start", (source, period, start, end))
+        return [json.loads(row[0]) for row in rows.fetchall()]
 
     def ping(self) -> bool:
         """Whether the database at ``path`` answers and its disk has ``min_free_mb`` left; a

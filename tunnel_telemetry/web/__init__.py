@@ -27,6 +27,7 @@ class Services:
     limits: Any = None
     report_id_key: bytes = b""  # derives the uuid of a report that has none (pipeline/outline)
     housekeeping: Any = None  # the leader's work: metrics, retention purge (housekeeping.py)
+    aggregate_relay: Any = None  # relay-aggregates-url's sender (relay/aggregates.py)
 
     def start(self) -> None:
         """Start background work in this process (after gunicorn's fork); idempotent."""
@@ -34,10 +35,14 @@ class Services:
             self.started_pid = os.getpid()
             self.relay.start()
             self.housekeeping.start()
+            if self.aggregate_relay is not None:
+                self.aggregate_relay.start()
 
     def close(self) -> None:
         self.housekeeping.close()
         self.relay.close()
+        if self.aggregate_relay is not None:
+            self.aggregate_relay.close()
         self.store.close()
         self.geo.close()
 
@@ -70,6 +75,7 @@ def create_app(config: Any = None) -> Any:
     from ..pipeline.outline import SCHEMA as OUTLINE_SCHEMA
     from ..protocol.schema import prepare as prepare_schema
     from ..relay import build_relay
+    from ..relay.aggregates import build_aggregate_relay
     from ..store import open_store
     from .dashboard import bp as aggregates_bp
     from .errors import register as register_errors
@@ -108,7 +114,8 @@ def create_app(config: Any = None) -> Any:
     app.extensions["tunnel_telemetry"] = Services(
         config, geo, store, relay, git_commit(), limits=limits,
         report_id_key=(config.report_id_key or "").encode() or os.urandom(32),
-        housekeeping=Housekeeping(config, store, geo, run_dir))
+        housekeeping=Housekeeping(config, store, geo, run_dir),
+        aggregate_relay=build_aggregate_relay(config, store))
     app.register_blueprint(bp)
     app.register_blueprint(aggregates_bp)
 

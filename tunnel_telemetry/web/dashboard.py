@@ -13,10 +13,20 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import NotFound
 
-from ..aggregate import PeriodCache, build, parse_query
+from ..aggregate import (
+    FORMAT,
+    ROUND_TO,
+    SOURCE,
+    PeriodCache,
+    build,
+    check_document,
+    iso,
+    parse_query,
+)
 from ..errors import ReportError
 from .plots import bar_chart, legend, line_chart
-from .views import public_labels, services
+from .relayed import check_token
+from .views import public_labels, read_json_body, services
 
 bp = Blueprint("aggregates", __name__, template_folder="templates")
 CACHE_KEY = "tunnel_telemetry.aggregates"
@@ -34,14 +44,29 @@ DASHBOARD_HEADERS = {
 }
 
 
+MAX_RELAYED_BYTES = 16 * 1024 * 1024  # POST /aggregates: a year of days from a busy collector
+
+
 @bp.get("/aggregates")
 def get_aggregates() -> Response:
     """Closed periods only; a past range never changes, the latest until the next period
-    closes, and the caching headers say so."""
+    closes, and the caching headers say so. ``?source=`` names a collector whose aggregates
+    were relayed here: its periods of the range, as it sent them."""
     now = time.time()
-    query = parse_query(request.args, now)
-    document = build(services().store, query, services().config.aggregate_k,
-                     current_app.extensions[CACHE_KEY])
+    args = request.args.to_dict()
+    source = args.pop("source", None)
+    query = parse_query(args, now)
+    if source is None:
+        document = build(services().store, query, services().config.aggregate_k,
+                         current_app.extensions[CACHE_KEY])
+    else:
+        if not SOURCE.fullmatch(source):
+            raise ReportError("bad_parameter", "source: not a collector-id",
+                              [{"path": "source", "message": "not a collector-id"}])
+        document = {"format": FORMAT, "source": source, "period": query.period,
+                    "from": iso(query.start), "to": iso(query.end), "rounding": ROUND_TO,
+                    "periods": services().store.relayed_aggregates(
+                        source, query.period, query.start, query.end)}
     response = jsonify(document)
     next_close = query.end + query.width
     closed_range = query.end < int(now // query.width) * query.width
@@ -49,6 +74,19 @@ def get_aggregates() -> Response:
     response.cache_control.max_age = 86400 if closed_range else max(60, int(next_close - now))
     response.add_etag()
     return response.make_conditional(request)
+
+
+@bp.post("/aggregates")
+def post_aggregates() -> tuple[Response, int]:
+    """Aggregates a primary collector relays (relay-aggregates-url there, relay-tokens here):
+    kept per collector and period, published at GET /aggregates?source=..."""
+    svc = services()
+    check_token(request.headers.get("Authorization"), svc.config.relay_tokens)
+    request.max_content_length = MAX_RELAYED_BYTES + 1
+    payload = read_json_body(MAX_RELAYED_BYTES)
+    source, period, periods = check_document(payload, svc.config.aggregate_k, time.time())
+    stored = svc.store.add_relayed_aggregates(source, period, periods)
+    return jsonify({"ok": True, "source": source, "period": period, "stored": stored}), 200
 
 
 def check_operator(header: str | None, token: str | None) -> None:
