@@ -19,6 +19,7 @@ DAY = 86400
 T0 = 1_796_342_400  # 2026-12-04T00:00:00Z
 NOW = T0 + 3 * DAY + 600  # 2026-12-07T00:10:00Z: the 4th, 5th and 6th are closed
 TOKEN = "dashboard-token-0123456789"
+RELAY_TOKEN = "relay-token-0123456789abcdef"
 
 
 def report(cc="DE", asn="AS3320", proto="ss", easn="AS13335", ecc="US", failure=None,
@@ -202,6 +203,13 @@ def test_cache_reads_a_closed_period_once(tmp_path):
     ({"aggregate-k": "ten"}, "aggregate-k: expected a whole number"),
     ({"dashboard-token": "short"}, "dashboard-token: must be 16-512 printable characters"),
     ({"dashboard-token": "with a space in it, long enough"}, "dashboard-token: must be 16"),
+    ({"relay-aggregates-url": "https://b.example"}, "relay-aggregates-url: needs relay-token"),
+    ({"relay-aggregates-url": "https://b.example", "relay-token": RELAY_TOKEN},
+     "relay-aggregates-url: needs relay-token (the secondary's relay-tokens) and collector-id"),
+    ({"relay-aggregates-url": "ftp://b.example", "relay-token": RELAY_TOKEN,
+      "collector-id": "a"}, "relay: not an http(s) URL"),
+    ({"relay-aggregates-url": "https://u:p@b.example", "relay-token": RELAY_TOKEN,
+      "collector-id": "a"}, "relay: no credentials in URLs"),
 ])
 def test_bad_options_fail_at_start(flags, message):
     from tunnel_telemetry.config import ConfigError, load_config
@@ -295,9 +303,6 @@ def test_cli_prints_the_same_cells(runner, tmp_path, monkeypatch):
 
 
 # -- relayed aggregates: the receiving side ---------------------------------------------------
-
-RELAY_TOKEN = "relay-token-0123456789abcdef"
-
 
 def sent_document(store_url, tmp_path=None):
     """A document as a primary sends it: built from a store with a day of reports."""
