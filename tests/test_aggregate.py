@@ -397,3 +397,22 @@ def test_post_aggregates_needs_a_relay_token(db_url, sent, header, status):
     periods = published.json["periods"]
     assert published.json["source"] == "primary-1"
     assert periods == ([{**p, "k": 10} for p in sent["periods"]] if status == 200 else [])
+
+
+@pytest.mark.parametrize(("retention", "sent_until", "days"), [
+    (0, None, 7), (180 * DAY, None, 7), (3 * DAY, None, 2), (0, T0 + 2 * DAY, 1),
+    (0, T0 + 3 * DAY, 0),
+])
+def test_sender_sends_closed_days_not_delivered_nor_purged(retention, sent_until, days):
+    from tunnel_telemetry.config import load_config
+    from tunnel_telemetry.relay.aggregates import AggregateRelay
+
+    config = load_config(flags={"relay-aggregates-url": "http://127.0.0.1:9",
+                                "relay-token": RELAY_TOKEN, "collector-id": "a",
+                                "retention": retention}, env={})
+    sender = AggregateRelay(config, store=None)
+    sender.sent_until = sent_until
+    due = sender.due(NOW)
+    assert (0 if due is None else (due.end - due.start) // DAY) == days
+    if due is not None:
+        assert due.end == T0 + 3 * DAY and due.period == "day"

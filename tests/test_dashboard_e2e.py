@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import TTServer
+from tunnel_telemetry.testing.server import TTServer, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,8 @@ def filled(tmp_path_factory, geo_dbs):
     server = TTServer(folder / "server", [
         "--database-url", f"sqlite:///{db}", "--geoip-country-db", str(country),
         "--geoip-asn-db", str(asn), "--proxy-hops", "1", "--allow-public-endpoint",
-        "--dashboard-token", TOKEN, "--workers", "1"]).start()
+        "--dashboard-token", TOKEN, "--workers", "1",
+        "--metrics-listen", f"127.0.0.1:{free_port()}"]).start()
     day_of: dict[str, int] = {}
     try:
         with requests.Session() as session:
@@ -188,3 +189,17 @@ def test_no_address_host_or_uuid_in_any_output(filled):
         assert "AS50304" in text, name
         for secret in SECRETS | set(uuids) | {u.upper() for u in uuids} | {u[:8] for u in uuids}:
             assert secret not in text, (name, secret)
+
+
+def test_dashboard_shows_reject_reasons_from_the_metrics(filled):
+    server, _, _ = filled
+    for body in (b"{not json", b"[]", json.dumps(make_report(time="2020-01-01T00:00:00Z"))):
+        answer = requests.post(server.url + "/report", data=body, timeout=10,
+                               headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400
+    page = requests.get(server.url + "/dashboard", timeout=10,
+                        headers={"Authorization": f"Bearer {TOKEN}"}).text
+    table = page[page.index('<table id="rejects">'):]
+    table = table[:table.index("</table>")]
+    for reason in ("bad_json", "not_object", "time_old"):
+        assert f"<tr><td>{reason}</td><td>1</td></tr>" in table, table

@@ -42,9 +42,15 @@ class AggregateRelay:
         self._thread: threading.Thread | None = None
 
     def due(self, now: float) -> Query | None:
-        """The closed days not delivered yet (the last LOOKBACK at most), or None."""
+        """The closed days not delivered yet (the last LOOKBACK at most, and only days whose
+        reports the retention purge has not begun to delete: sent again after a restart, a
+        purged day would replace the secondary's copy), or None."""
+        day = PERIODS["day"]
         end = parse_query({"period": "day"}, now).end
-        start = max(end - LOOKBACK * PERIODS["day"], self.sent_until or 0)
+        start = max(end - LOOKBACK * day, self.sent_until or 0)
+        retention = getattr(self.config, "retention", 0)
+        if retention:
+            start = max(start, -int(-(now - retention) // day) * day)
         return Query(start, end, "day") if start < end else None
 
     def send_due(self, now: float | None = None) -> Outcome | None:
