@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .pipeline.scrub import secret_key
+
 DEFAULT_CONFIG_FILE = "/etc/tunneltelemetry/config.yaml"
 ENV_PREFIX = "TT_"
 CONFIG_ENV = "TT_CONFIG"  # the config file's path (no bare CONFIG: too common a name)
@@ -156,6 +158,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("collector-id", "str", None, "Identifier added to every report this collector stores."),
     Option("allow-public-endpoint", "bool", False,
            "Keep the endpoint address in stored and relayed reports."),
+    Option("scrub-allow-config-keys", "list", (),
+           "More config keys to keep (besides the built-in allow-list of protocol settings, "
+           "docs/privacy.md); their values are still checked (repeatable; comma-separated)."),
     Option("geoip-country-db", "str", None,
            "MaxMind-format country database (GeoLite2, DB-IP Lite or IPinfo Lite)."),
     Option("geoip-asn-db", "str", None,
@@ -403,6 +408,13 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("request-timeout: must be at least header-timeout and at most 1h")
     if config.collector_id is not None and not re.fullmatch(r"[\w.:-]{1,128}", config.collector_id):
         raise ConfigError("collector-id: use 1-128 letters, digits, '.', ':', '_' or '-'")
+    for key in config.scrub_allow_config_keys:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,63}", key):
+            raise ConfigError(f"scrub-allow-config-keys: {key!r}: use lower case letters, "
+                              "digits, '.' and '-' (keys are compared in lower case, '_' as '-')")
+        if secret_key(key):
+            raise ConfigError(f"scrub-allow-config-keys: {key!r} names a secret, an address "
+                              "or an identifier: it is never kept")
     if config.autotls and not config.hostname:
         raise ConfigError("autotls: --hostname is required with --autotls")
     if config.autotls:  # HOSTNAME is often set by the environment (containers): only check it here

@@ -87,7 +87,7 @@ def receive_batch(payload: Any, store: Reports,  # noqa: ANN401 - any JSON value
         report = scrub(dict(item, uuid=str(uuidlib.UUID(item["uuid"])),
                             client_asn=canonical_asn(item["client_asn"]),
                             endpoint_asn=canonical_asn(item["endpoint_asn"])),
-                       config.allow_public_endpoint)
+                       config.allow_public_endpoint, config.scrub_allow_config_keys)
         kept, new = store.add(report, relay.enqueue(report, attempt_now=False))
         stored.append(kept["uuid"])
         created += new
