@@ -4,6 +4,7 @@ Whatever arrives, the answer is a JSON error (400/413/415/429) or a 201, never a
 trace or an HTML page; and nothing outside the limits is stored.
 """
 
+import gzip
 import json
 import socket
 import sqlite3
@@ -309,6 +310,14 @@ CASES = [
      "utf-8"),
     ("json-upper-case", dumps(make_report()), {"content_type": "Application/JSON; Charset=UTF-8"},
      201, ""),
+    ("gzip-encoding", gzip.compress(dumps(make_report())),
+     {"headers": {"Content-Encoding": "gzip"}}, 415, "Content-Encoding"),
+    ("br-encoding", dumps(make_report()), {"headers": {"Content-Encoding": "br"}}, 415,
+     "uncompressed"),
+    ("gzip-bomb-encoding", gzip.compress(b" " * 50 * 2**20),
+     {"headers": {"Content-Encoding": "gzip"}}, 415, "Content-Encoding"),
+    ("identity-encoding", dumps(make_report()), {"headers": {"Content-Encoding": "Identity"}},
+     201, ""),
     ("invalid-utf8", b'{"report-type": "\xff\xfe"}', {}, 400, "UTF-8"),
     ("overlong-utf8", b'{"a": "\xc0\xaf"}', {}, 400, "UTF-8"),
     ("utf8-surrogate-bytes", b'{"a": "\xed\xa0\x80"}', {}, 400, "UTF-8"),
@@ -355,6 +364,8 @@ TIME_CASES = [
     ("odd-minutes", at("12:00:00", "+00:01"), 201, utc("12:00:00", 1)),
     ("leap-second", at("23:59:60"), 201, utc("23:59:59")[:-1] + ".999Z"),
     ("leap-second-offset", at("05:29:60", "+05:30"), 201, utc("05:29:59", 330)[:-1] + ".999Z"),
+    ("leap-second-midday", at("12:00:60"), 400, None),
+    ("leap-second-not-utc-midnight", at("23:59:60", "+01:00"), 400, None),
     ("nanoseconds", at("12:00:00.123456789"), 201, utc("12:00:00")[:-1] + ".123Z"),
     ("lower-case", at("12:00:00", "z").replace("T", "t"), 201, utc("12:00:00")),
     ("space", at("12:00:00").replace("T", " "), 201, utc("12:00:00")),
@@ -403,6 +414,10 @@ ENDPOINT_CASES = [
     ("ss://\uff11.1.1.1:443", 400, "host name"),
     ("ss://ex\u00e4mple.org:443", 400, "host name"),
     ("ss://xn--exmple-cua.org:443", 201, ""),
+    ("ss://0x01010101:443", 400, "IPv4"),
+    ("ss://16843009:443", 400, "IPv4"),
+    ("ss://1.1.1.0x1:443", 400, "IPv4"),
+    ("ss://0x1.0x1.0x1.0x1:443", 400, "IPv4"),
     ("ss://a b:443", 400, "protocol://address:port"),
     ("ss://1.1.1.1:443\n", 400, "protocol://address:port"),
     ("SS://1.1.1.1:443", 400, "must be protocol://address:port"),

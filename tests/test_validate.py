@@ -26,6 +26,8 @@ WEEK = 7 * 86400.0
     ("https+h2://a-b.example:1", "https+h2", "a-b.example", 1, False),
     ("ss://[::ffff:1.2.3.4]:65535", "ss", "1.2.3.4", 65535, True),
     ("tcp://localhost:80", "tcp", "localhost", 80, False),
+    ("ss://0x-proxy.cafe:443", "ss", "0x-proxy.cafe", 443, False),  # only a last label counts
+    ("ss://deadbeef.cafe:443", "ss", "deadbeef.cafe", 443, False),
 ])
 def test_parse_endpoint_ok(text, proto, host, port, is_ip):
     endpoint = parse_endpoint(text)
@@ -50,6 +52,15 @@ def test_parse_endpoint_ok(text, proto, host, port, is_ip):
     ("ss://a..b:443", "host name"),
     ("SS://1.1.1.1:443", "protocol"),
     ("1.1.1.1:443", "protocol"),
+    # Host names that resolvers and URL parsers read as an IPv4 address: refused.
+    ("ss://0x01010101:443", "IPv4"),
+    ("ss://0X1.0x1.0x1.0x1:443", "IPv4"),
+    ("ss://16843009:443", "IPv4"),
+    ("ss://1.1.0x101:443", "IPv4"),
+    ("ss://011.010.07.0102:443", "IPv4"),
+    ("ss://9.8.1858:443", "IPv4"),
+    ("ss://proxy.0x10:443", "IPv4"),
+    ("ss://proxy.123:443", "IPv4"),
 ])
 def test_parse_endpoint_rejects(text, reason):
     with pytest.raises(ValueError, match=reason):
@@ -62,13 +73,18 @@ def test_parse_endpoint_rejects(text, reason):
     ("2024-04-11 19:00:00-05:00", "2024-04-12T00:00:00Z"),
     ("2024-04-12T00:00:00.123456789Z", "2024-04-12T00:00:00.123Z"),
     ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59.999Z"),
+    ("2016-12-31T18:59:60-05:00", "2016-12-31T23:59:59.999Z"),
+    ("2017-01-01T05:29:60+05:30", "2016-12-31T23:59:59.999Z"),
 ])
 def test_parse_time(text, expected):
     assert format_time(parse_time(text)) == expected
 
 
 @pytest.mark.parametrize("text", ["2024-02-30T00:00:00Z", "2024-04-12T00:00:00+25:00",
-                                  "2024-04-12", "2024-04-12T00:00:00"])
+                                  "2024-04-12", "2024-04-12T00:00:00",
+                                  # A leap second is only ever the last second of a UTC day.
+                                  "2024-04-12T12:00:60Z", "2016-12-31T23:59:60+05:30",
+                                  "2016-12-31T23:58:60Z", "2016-12-31T22:59:60Z"])
 def test_parse_time_rejects(text):
     with pytest.raises(ValueError):
         parse_time(text)

@@ -14,6 +14,7 @@ _ENDPOINT = re.compile(
 )
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _DOTTED = re.compile(r"[0-9.]+")
+_HEX_NUMBER = re.compile(r"0x[0-9a-f]*")
 _TIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -36,14 +37,18 @@ class Endpoint:
 
 
 def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 time to an aware UTC datetime (a leap second counts as :59.999999)."""
+    """Parse an RFC 3339 time to an aware UTC datetime (a leap second counts as :59.999999).
+
+    Second 60 exists only as the last second of a UTC day (23:59:60Z, or the same moment
+    written with an offset)."""
     match = _TIME.fullmatch(text)
     if not match:
         raise ValueError("not an RFC 3339 time")
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction = (match.group(7) or "0")[:6].ljust(6, "0")
     micro = int(fraction)
-    if second == 60:
+    leap = second == 60
+    if leap:
         second, micro = 59, 999999
     zone = match.group(8)
     if zone in ("Z", "z"):
@@ -55,9 +60,12 @@ def parse_time(text: str) -> datetime:
         offset = timedelta(hours=hours, minutes=minutes) * (1 if zone[0] == "+" else -1)
     try:
         naive = datetime(year, month, day, hour, minute, second, micro)  # noqa: DTZ001
-        return (naive - offset).replace(tzinfo=UTC)
+        moment = (naive - offset).replace(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise ValueError("not a valid date and time") from None
+    if leap and (moment.hour, moment.minute) != (23, 59):
+        raise ValueError("a leap second (:60) can only be 23:59:60 UTC")
+    return moment
 
 
 def format_time(moment: datetime) -> str:
@@ -99,14 +107,17 @@ def parse_endpoint(text: str) -> Endpoint:
         try:
             v4 = ipaddress.IPv4Address(host)
         except ValueError:
-            raise ValueError("not a valid IPv4 address") from None
+            raise ValueError("not a valid IPv4 address: write it as four decimal numbers "
+                             "(a.b.c.d)") from None
         return Endpoint(proto, host, int(port), v4)  # accepted only in canonical form
     host = host.lower().rstrip(".")
     labels = host.split(".")
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise ValueError("not a valid host name")
-    if labels[-1].isdigit():
-        raise ValueError("not a valid host name")
+    if labels[-1].isdigit() or _HEX_NUMBER.fullmatch(labels[-1]):
+        # What resolvers and URL parsers read as an IPv4 address (0x01010101, 1.1.0x101):
+        # it would be geolocated as a name and hidden as one, so it is refused.
+        raise ValueError("an IPv4 address must be written as four decimal numbers (a.b.c.d)")
     return Endpoint(proto, host, int(port), None)
 
 

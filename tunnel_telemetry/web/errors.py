@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # Reason codes whose answer is not 400 (the default for a ReportError).
 STATUS_BY_CODE = {
     "content_type": 415,
+    "content_encoding": 415,
     "too_large": 413,
     "unauthorized": 401,
     "dashboard_auth": 401,
@@ -24,7 +25,8 @@ STATUS_BY_CODE = {
     "busy": 503,
 }
 EXTRA_HEADERS = {"unauthorized": {"WWW-Authenticate": 'Bearer realm="relay"'},
-                 "dashboard_auth": {"WWW-Authenticate": 'Basic realm="dashboard"'}}
+                 "dashboard_auth": {"WWW-Authenticate": 'Basic realm="dashboard"'},
+                 "content_encoding": {"Accept-Encoding": "identity"}}
 
 
 def status_of(exc: CollectorError) -> int:

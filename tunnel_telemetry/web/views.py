@@ -42,6 +42,9 @@ _PLAIN_JSON = frozenset(("application/json", "application/json; charset=utf-8",
                          "application/json;charset=utf-8", "application/json; charset=UTF-8"))
 
 
+_IDENTITY = frozenset(("identity", ""))
+
+
 def read_json_body(limit: int) -> Any:
     """The request's JSON body, or a ReportError (415, 413, 400)."""
     req = request._get_current_object()  # one context lookup, not one per attribute
@@ -52,6 +55,11 @@ def read_json_body(limit: int) -> Any:
         params = req.mimetype_params
         if params and params.get("charset", "utf-8").lower() not in ("utf-8", "utf8"):
             raise ReportError("content_type", "only the utf-8 charset is accepted")
+    coding = environ.get("HTTP_CONTENT_ENCODING")
+    if coding is not None and coding.strip().lower() not in _IDENTITY:
+        # Not decoded (a small gzip body can inflate to gigabytes): say so, RFC 7694.
+        raise ReportError("content_encoding", "Content-Encoding is not supported: send the "
+                          "report uncompressed")
     length = req.content_length
     if length is not None and length > limit:
         raise ReportError("too_large", f"the report is larger than {limit} bytes")
@@ -99,7 +107,7 @@ def post_report() -> tuple[Response, int]:
         report, endpoint = validate(payload, now, config.max_report_age, config.max_clock_skew)
     enriched = enrich(report, endpoint, request.environ.get(ENVIRON_KEY), svc.geo, now,
                       config.collector_id)
-    clean = scrub(enriched, config.allow_public_endpoint)
+    clean = scrub(enriched, config.allow_public_endpoint, config.scrub_allow_config_keys)
     metrics.scrubbed(enriched, clean)
     text = dumps(clean)
     with metrics.store_commit():
