@@ -68,6 +68,9 @@ def test_listen(env, listen):
     ({"RELAY_URL": "ftp://x"}, "http"),
     ({"PROXY_HEADER": "X Bad"}, "proxy-header"),
     ({"COLLECTOR_ID": "has space"}, "collector-id"),
+    ({"SCRUB_ALLOW_CONFIG_KEYS": "lang,sni"}, "'sni' names a secret"),
+    ({"SCRUB_ALLOW_CONFIG_KEYS": "PassWord"}, "'password' names a secret"),
+    ({"SCRUB_ALLOW_CONFIG_KEYS": "a b"}, "scrub-allow-config-keys"),
 ])
 def test_bad_values(env, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -174,3 +177,8 @@ def test_bare_config_variable_is_not_a_config_file():
 def test_format_duration_round_trips(seconds, text):
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+def test_scrub_allow_config_keys_are_compared_as_scrub_does():
+    config = load_config(env={"SCRUB_ALLOW_CONFIG_KEYS": "Service_Mode, lang"}, path="")
+    assert config.scrub_allow_config_keys == ("service-mode", "lang")
