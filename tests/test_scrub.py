@@ -123,6 +123,18 @@ def test_scrub_text(text, expected):
     assert scrub_text(text) == (text if expected is None else expected)
 
 
+@pytest.mark.parametrize("text, names, expected", [
+    ("lookup front.example: sni front.example.", ["front.example"],
+     f"lookup {S}: sni {S}."),
+    ("a bad record mac from a", ["a"], f"{S} bad record mac from {S}"),
+    ("tls.handshake failed", ["a", "s"], None),
+    ("dial 1.2.3.4 via Hidden-Name", ["hidden-name"], f"dial {S} via {S}"),
+])
+def test_scrub_text_hides_extra_names_as_whole_tokens(text, names, expected):
+    """What outline-sdk's mapping hides (option values, names from its DNS queries)."""
+    assert scrub_text(text, names) == (text if expected is None else expected)
+
+
 def test_contains_ip():
     assert contains_ip("10.0.0.1")
     assert contains_ip("x 0x0a000001")

@@ -169,7 +169,8 @@ def _harmless(core: str, hidden: Collection[str]) -> bool:
     if _WORD.fullmatch(core):
         if not core.isascii():
             return True
-        return (len(core) <= MAX_WORD and _case_changes(core) < 3
+        return (len(core) <= MAX_WORD
+                and (core[1:].islower() or core.isupper() or _case_changes(core) < 3)
                 and not (len(core) >= 8 and set(core) <= _HEX))
     if len(core) <= MAX_WORD:
         if _NUMBER.fullmatch(core):
@@ -179,6 +180,37 @@ def _harmless(core: str, hidden: Collection[str]) -> bool:
         if "." in core:  # an op such as tcp.connect: every label a known word
             return all(label in VOCABULARY for label in low.split("."))
     return False
+
+
+def _core(chunk: str) -> str:
+    """What a chunk names, without the text's punctuation around it."""
+    core = chunk.strip(_EDGE)
+    if core.endswith((":", "-")) and not core.endswith(("::", "--")):  # not 100::
+        core = core[:-1].rstrip(_EDGE)  # "connect:", "47631-" (of "->")
+    if core.startswith(":") and not core.startswith("::"):
+        core = core[1:]  # ":443" after "[...]"
+    return core
+
+
+def hide_names(text: str, names: Collection[str]) -> str:
+    """``text`` with each token that is one of ``names`` (in any case, NFKC) replaced:
+    whole tokens only, so a short name is never hidden inside a word."""
+    wanted = frozenset(_norm(n) for n in names if n)
+    if not wanted:
+        return text
+    out: list[str] = []
+    start = 0
+    for match in _CHUNK.finditer(text):
+        chunk = match.group()
+        core = _core(chunk)
+        if core and _norm(core) in wanted:
+            lead = chunk.index(core)
+            out += (text[start:match.start() + lead], PLACEHOLDER)
+            start = match.start() + lead + len(core)
+    if not out:
+        return text
+    out.append(text[start:])
+    return "".join(out)
 
 
 def scrub_message(text: str, hidden: Collection[str] = ()) -> str:
@@ -195,11 +227,7 @@ def scrub_message(text: str, hidden: Collection[str] = ()) -> str:
     secret_next = after_credential = False
     for match in _CHUNK.finditer(text):
         chunk = match.group()
-        core = chunk.strip(_EDGE)
-        if core.endswith((":", "-")) and not core.endswith(("::", "--")):  # not 100::
-            core = core[:-1].rstrip(_EDGE)  # "connect:", "47631-" (of "->")
-        if core.startswith(":") and not core.startswith("::"):
-            core = core[1:]  # ":443" after "[...]"
+        core = _core(chunk)
         if not core or core == ":":  # "token = x": the separator alone
             secret_next = secret_next or after_credential and any(c in chunk for c in ":=")
             continue
@@ -230,6 +258,7 @@ def scrub_message(text: str, hidden: Collection[str] = ()) -> str:
 # Runs of the characters an address may be written with, judged whole by _spells_address; a
 # single greedy class cannot backtrack, so the scan is linear on any text.
 _ATOM = re.compile(r"[\w:.%-]+")
+_LONG_NUMBER = re.compile(r"[0-9]{8}|0[xX]|[0-9a-fA-F]{32}")
 _IPV4 = re.compile(r"(?<![0-9.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9])")
 _WORD_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]*:")
 _INET_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
@@ -237,8 +266,14 @@ _DASHED = frozenset("0123456789abcdef-s")
 
 
 def _is_ip(token: str) -> bool:
+    token = token.split("%", 1)[0]
     try:
-        ipaddress.ip_address(token.split("%", 1)[0])
+        if ":" in token:
+            ipaddress.IPv6Address(token)
+        elif token.count(".") == 3:
+            ipaddress.IPv4Address(token)
+        else:
+            return False
     except ValueError:
         return False
     return True
@@ -293,6 +328,13 @@ def _spells_address(token: str) -> bool:
 
 def _replace_address(match: re.Match[str]) -> str:
     atom = match.group()
+    if "." not in atom and atom.count(":") < 2 and atom.count("-") < 2:
+        # No dotted, IPv6 or dashed form: at most a bare number (151521090, 0x9080742) or 32
+        # hex digits, maybe after a word and a colon. Most words of a log line stop here.
+        tail = atom.strip(":-_").rpartition(":")[2]
+        if not (tail.isdecimal() and len(tail) >= 8 and (tail[0] == "0" or 1 << 24 <= int(
+                tail) < 1 << 32) or tail[:2] in ("0x", "0X") or len(tail) == 32):
+            return atom
     core = atom.strip("._")
     # The whole run (2001:db8::, 2001-db8--), else without the text's own colons and dashes
     # around it ("from ::1: refused", "1.2.3.4->").
@@ -308,10 +350,14 @@ def _replace_address(match: re.Match[str]) -> str:
     return atom
 
 
-def scrub_text(text: str) -> str:
-    """Text with every IP address replaced, in the spellings resolvers accept (for logs)."""
-    if not any(c.isdigit() or c == ":" for c in text):
-        return text
+def scrub_text(text: str, extra: Collection[str] = ()) -> str:
+    """Text with every IP address replaced, in the spellings resolvers accept (for logs), and
+    the tokens that are one of ``extra`` (see :func:`hide_names`)."""
+    if extra:
+        text = hide_names(text, extra)
+    if ("." not in text and text.count(":") < 2 and text.count("-") < 2
+            and not _LONG_NUMBER.search(text)):
+        return text  # no spelling of an address fits (most log lines)
     text = _ATOM.sub(_replace_address, text)
     # A dotted quad glued to other characters ("\x0a1.2.3.4" in an escaped path).
     return _IPV4.sub(PLACEHOLDER, text) if text.count(".") >= 3 else text
