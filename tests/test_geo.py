@@ -213,6 +213,8 @@ def test_info(tmp_path):
         info = geo.info()
     finally:
         geo.close()
+    ages = [db.pop("age_days") for db in info]
+    assert ages[0] - ages[1] == pytest.approx(1, abs=0.11) and ages[1] > 1000
     assert info == [
         {"role": "country", "database_type": "GeoLite2-Country", "build_date": "2023-11-14",
          "ip_version": 6, "file": "country.mmdb"},

@@ -40,7 +40,8 @@ def make_app(tmp_path, fake):
     def make(name="a", **options):
         # All test clients are 127.0.0.1: per-client rate limiting off (test_limits.py has it).
         config = {"database-url": f"sqlite:///{tmp_path}/{name}.db", "collector-id": f"col-{name}",
-                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0, **SLOW, **options}
+                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0,
+                  "ooni-relay-without-geo": True, **SLOW, **options}
         app = create_app(config)
         apps.append(app)
         return app

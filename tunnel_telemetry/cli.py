@@ -378,5 +378,81 @@ def _duration(value: str) -> float:
     return seconds
 
 
+@main.group("geo")
+def geo_group() -> None:
+    """Geo databases (country and ASN): get them and keep them fresh."""
+
+
+@geo_group.command("update")
+@server_options
+@click.option("--provider", type=click.Choice(["dbip", "maxmind", "ipinfo"]), default=None,
+              help="Override geo-provider for this run.")
+@click.option("--reload-pid", metavar="PID|PIDFILE", default=None,
+              help="Send this tt-server master SIGHUP when a database was installed, so it "
+                   "reopens them without a restart.")
+@click.option("--force", is_flag=True,
+              help="Install even a database older than the one in place.")
+@click.option("--timeout", "timeout", metavar="DURATION", default="30s", show_default=True,
+              help="Most time to wait for a connection or for the next bytes of an answer.")
+@click.pass_context
+def geo_update_command(ctx: click.Context, provider: str | None, reload_pid: str | None,
+                       force: bool, timeout: str, config_path: str | None,
+                       **flags: Any) -> None:
+    """Fetch, check and install the country and ASN databases into geo-dir.
+
+    Uses the same configuration sources as the server (geo-provider, geo-dir, credentials
+    from MAXMIND_ACCOUNT_ID / MAXMIND_LICENSE_KEY or IPINFO_TOKEN). Exit status: 0 when the
+    databases are installed or up to date, 1 when the update failed (nothing changed), 2 on
+    a configuration error.
+    """
+    from .config import parse_duration
+    from .geo_update import (
+        GeoUpdateConfigError,
+        GeoUpdateError,
+        geo_dir,
+        read_pid,
+        signal_reload,
+        update,
+    )
+
+    group_path, group_flags = ctx.meta.get("tt_server_flags", (None, {}))
+    merged = {**{k: v for k, v in group_flags.items() if v is not None and v != ()},
+              **{k: v for k, v in flags.items() if v is not None and v != ()}}
+    config = config_from_flags(config_path or group_path, merged)
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        fail(f"timeout: {exc}")
+    if not 0 < seconds <= 600:
+        fail("timeout: must be more than 0 and at most 10m")
+    try:
+        pid = read_pid(reload_pid) if reload_pid else None
+    except GeoUpdateError as exc:
+        fail(f"geo update: {exc}")
+    try:
+        result = update(config, provider=provider, timeout=seconds, force=force)
+    except GeoUpdateConfigError as exc:
+        fail(f"geo update: {exc}")
+    except GeoUpdateError as exc:
+        click.echo(f"tt-server: error: geo update: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    for line in result.lines:
+        click.echo(line)
+    spec = result.provider
+    click.echo(f"data: {spec.title}, {spec.licence}: {spec.attribution}; updated "
+               f"{spec.schedule}")
+    for option, role in (("geoip-country-db", "country"), ("geoip-asn-db", "asn")):
+        if getattr(config, option.replace("-", "_")):
+            click.echo(f"note: {option} is set, so the collector reads that file, not the "
+                       f"{role} database in {geo_dir(config)}")
+    if pid is not None and result.installed:
+        try:
+            signal_reload(pid)
+        except GeoUpdateError as exc:
+            click.echo(f"tt-server: error: geo update: {exc}", err=True)
+            sys.exit(EXIT_RUNTIME)
+        click.echo(f"reload: sent SIGHUP to {pid}")
+
+
 if __name__ == "__main__":
     main()

@@ -165,6 +165,29 @@ OPTIONS: tuple[Option, ...] = (
            "MaxMind-format country database (GeoLite2, DB-IP Lite or IPinfo Lite)."),
     Option("geoip-asn-db", "str", None,
            "MaxMind-format ASN database (GeoLite2, DB-IP Lite or IPinfo Lite)."),
+    Option("geo-dir", "str", None,
+           "Where `tt-server geo update` puts country.mmdb and asn.mmdb, read from there "
+           "when geoip-country-db / geoip-asn-db are unset (default: geo/ beside the SQLite "
+           "store, else tt-data/geo)."),
+    Option("geo-provider", "str", "dbip",
+           "Where `geo update` gets them: dbip (DB-IP Lite, no account), maxmind (GeoLite2: "
+           "maxmind-account-id and maxmind-license-key) or ipinfo (IPinfo Lite: ipinfo-token)."),
+    Option("geo-download-url", "str", None,
+           "Base URL of a mirror of the provider's download service, same paths (default: the "
+           "provider's own)."),
+    Option("geo-update-interval", "duration", 0.0,
+           "Update the geo databases from the running collector this often, e.g. 7d (the "
+           "master runs `geo update` and reloads; 0: off)."),
+    Option("geo-stale-after", "duration", 45 * 86400.0,
+           "/healthz marks a geo database built longer ago than this \"stale\"."),
+    Option("ooni-relay-without-geo", "bool", False,
+           "Start with ooni-relay and no country or ASN database (OONI then gets only the "
+           "reports that carry the client's network)."),
+    Option("maxmind-account-id", "str", None, "MaxMind account id, for geo-provider maxmind."),
+    Option("maxmind-license-key", "str", None,
+           "MaxMind licence key, for geo-provider maxmind.", secret=True),
+    Option("ipinfo-token", "str", None, "IPinfo access token, for geo-provider ipinfo.",
+           secret=True),
     Option("proxy-hops", "int", 0,
            "How many trusted proxies append to the proxy header (0: use the socket peer)."),
     Option("proxy-header", "str", "X-Forwarded-For",
@@ -494,6 +517,20 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         host, port = split_listen(config.metrics_listen, "metrics-listen")
         config = dataclasses.replace(config, metrics_listen=f"{host}:{port}" if ":" not in host
                                      else f"[{host}]:{port}")
+    if config.geo_provider not in ("dbip", "maxmind", "ipinfo"):
+        raise ConfigError(f"geo-provider: expected dbip, maxmind or ipinfo, got "
+                          f"{config.geo_provider!r}")
+    if config.geo_download_url is not None:
+        if not re.match(r"^https?://[^\s/]+", config.geo_download_url):
+            raise ConfigError(f"geo-download-url: not an http(s) URL: "
+                              f"{config.geo_download_url!r}")
+        if "@" in config.geo_download_url.split("/", 3)[2]:
+            raise ConfigError("geo-download-url: no credentials in the URL (use "
+                              "maxmind-license-key or ipinfo-token)")
+    if config.geo_update_interval and config.geo_update_interval < 1:
+        raise ConfigError("geo-update-interval: must be 0 (off) or at least 1s")
+    if config.geo_stale_after < 86400:
+        raise ConfigError("geo-stale-after: must be at least 1d")
     listen = config.listen
     if listen is None:
         if config.autotls:

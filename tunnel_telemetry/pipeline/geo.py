@@ -189,18 +189,19 @@ class Geo:
     def __init__(self, country_db: str | None = None, asn_db: str | None = None) -> None:
         self.country_db = country_db or None
         self.asn_db = asn_db or None
-        self._country, self._asn = self._open()
+        self._country, self._asn = self._open(self.country_db, self.asn_db)
 
-    def _open(self) -> tuple[Any, Any]:
+    @staticmethod
+    def _open(country_db: str | None, asn_db: str | None) -> tuple[Any, Any]:
         country = asn = None
         try:
-            if self.country_db:
-                country = _open_reader("geoip-country-db", self.country_db)
-            if self.asn_db:
-                if country is not None and _same_file(self.country_db, self.asn_db):
+            if country_db:
+                country = _open_reader("geoip-country-db", country_db)
+            if asn_db:
+                if country is not None and _same_file(country_db, asn_db):
                     asn = country  # one file with both (IPinfo Lite): open it once
                 else:
-                    asn = _open_reader("geoip-asn-db", self.asn_db)
+                    asn = _open_reader("geoip-asn-db", asn_db)
         except GeoError:
             if country is not None:
                 country.close()
@@ -210,6 +211,14 @@ class Geo:
     @property
     def enabled(self) -> bool:
         return self._country is not None or self._asn is not None
+
+    @property
+    def has_country(self) -> bool:
+        return self._country is not None
+
+    @property
+    def has_asn(self) -> bool:
+        return self._asn is not None
 
     def lookup(self, ip: str | _Address | None) -> tuple[str, str]:
         """("AS<n>", "CC") for `ip`; ("AS0", "ZZ") when unknown or not a global address."""
@@ -232,7 +241,8 @@ class Geo:
             return UNKNOWN
 
     def info(self) -> list[dict[str, Any]]:
-        """What /healthz shows per open database: role, type, build date, IP version, file."""
+        """What /healthz shows per open database: role, type, build date and age in days,
+        IP version, file."""
         readers = []
         if self._country is not None:
             role = "country+asn" if self._country is self._asn else "country"
@@ -245,30 +255,36 @@ class Geo:
             try:
                 built = datetime.datetime.fromtimestamp(meta.build_epoch, datetime.UTC)
                 build_date = built.date().isoformat()
+                age = (datetime.datetime.now(datetime.UTC) - built).total_seconds() / 86400
+                age_days = round(max(0.0, age), 1)
             except (OverflowError, OSError, ValueError, TypeError):
-                build_date = None
+                build_date = age_days = None
             out.append(
                 {
                     "role": role,
                     "database_type": meta.database_type,
                     "build_date": build_date,
+                    "age_days": age_days,
                     "ip_version": meta.ip_version,
                     "file": os.path.basename(path),
                 }
             )
         return out
 
-    def reload(self) -> None:
-        """Reopen the files (e.g. after an update); keep the current ones if that fails."""
-        if not self.enabled:
+    def reload(self, paths: tuple[str | None, str | None] | None = None) -> None:
+        """Reopen the files (e.g. after an update), or open `paths` (country, asn) instead;
+        keep the current ones if that fails."""
+        country_db, asn_db = paths if paths is not None else (self.country_db, self.asn_db)
+        if not (country_db or asn_db):
             return
         try:
-            readers = self._open()
+            readers = self._open(country_db or None, asn_db or None)
         except GeoError as exc:
             log.error("geo_reload_failed %s %s: keeping the open databases", exc.reason, exc.option)
             return
         # The old readers are not closed here: a lookup in another thread may still use them.
         # They close themselves when the last reference goes.
+        self.country_db, self.asn_db = country_db or None, asn_db or None
         self._country, self._asn = readers
         log.info("geo_reloaded")
 
@@ -285,8 +301,8 @@ def open_geo(country_db: str | None, asn_db: str | None) -> Geo:
     geo = Geo(country_db, asn_db)
     if not geo.enabled:
         log.warning(
-            "geo_disabled: no geoip-country-db or geoip-asn-db configured;"
-            " every address geolocates as AS0/ZZ"
+            "geo_disabled: no geoip-country-db or geoip-asn-db configured and none from"
+            " `tt-server geo update`; every address geolocates as AS0/ZZ"
         )
     elif geo._country is None:
         log.warning("geo_country_disabled: no geoip-country-db; every country is ZZ")

@@ -82,12 +82,36 @@ def on_reload(arbiter: Any) -> None:
 
     The app is preloaded in the master, so workers inherit its readers: reopening there, before
     gunicorn replaces the workers, makes an updated database live without a restart. A file
-    that cannot be opened keeps the current one (logged as geo_reload_failed).
+    that cannot be opened keeps the current one (logged as geo_reload_failed). Databases
+    `tt-server geo update` installed in geo-dir since start-up are picked up too.
     """
     app = getattr(arbiter.app, "callable", None)
     svc = getattr(app, "extensions", {}).get("tunnel_telemetry")
     if svc is not None:
-        svc.geo.reload()
+        svc.reload_geo()
+
+
+def _chain(first: Any, second: Any) -> Any:
+    """One gunicorn server hook running two (TLS and the geo updater both use when_ready)."""
+    if first is None:
+        return second
+
+    def both(server: Any) -> None:
+        first(server)
+        second(server)
+
+    return both
+
+
+def geo_updater_options(config: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """With geo-update-interval: start the updater in the master when it is ready."""
+    if not config.geo_update_interval:
+        return {}
+    from ..geo_update import Updater
+
+    updater = Updater(config, config.geo_update_interval)
+    return {"when_ready": _chain(options.get("when_ready"), lambda server: updater.start()),
+            "on_exit": _chain(options.get("on_exit"), lambda server: updater.stop())}
 
 
 def gunicorn_options(config: Any) -> dict[str, Any]:
@@ -120,6 +144,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
         from ..tls.autotls import gunicorn_tls_options  # ACME/crypto imports only when needed
 
         options.update(gunicorn_tls_options(config))
+    options.update(geo_updater_options(config, options))
     return options
 
 

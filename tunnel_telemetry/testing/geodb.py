@@ -223,3 +223,91 @@ def write_synthetic_dbs(
         [(group, _asn_record(asn, f"SYNTHETIC-AS{asn}")) for asn, group in by_asn.items()],
     )
     return country, asn
+
+
+# --- providers' packaging and a local mirror (tests of `tt-server geo update`) ---------------
+
+
+def gzipped(path: str | os.PathLike) -> bytes:
+    """A database as DB-IP ships it: the .mmdb, gzipped (`dbip-country-lite-YYYY-MM.mmdb.gz`)."""
+    import gzip
+
+    with open(path, "rb") as fh:
+        return gzip.compress(fh.read())
+
+
+def maxmind_tarball(path: str | os.PathLike, edition: str, date: str) -> bytes:
+    """A database as MaxMind ships it: `<edition>_<YYYYMMDD>/<edition>.mmdb` in a .tar.gz,
+    with the licence files beside it."""
+    import io
+    import tarfile
+
+    folder = f"{edition}_{date.replace('-', '')}"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("LICENSE.txt", b"GeoLite2 End User License Agreement\n"),
+                           ("COPYRIGHT.txt", b"Database and Contents Copyright (c) MaxMind\n")):
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.add(os.fspath(path), arcname=f"{folder}/{edition}.mmdb")
+    return buf.getvalue()
+
+
+class GeoMirror:
+    """A local HTTP server standing in for the providers' download services (127.0.0.1).
+
+    `routes` maps a path (query string excluded) to (status, body) or to a callable
+    (handler) -> None that answers itself (a server that hangs, trickles, ...). Every request
+    is kept in `requests` as (path, query, Authorization header).
+    """
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.routes: dict[str, Any] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.release = threading.Event()  # set to end the answers that hang
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                path, _, query = self.path.partition("?")
+                mirror.requests.append((path, query, self.headers.get("Authorization")))
+                route = mirror.routes.get(path)
+                if callable(route):
+                    route(self)
+                    return
+                status, body = route if route is not None else (404, b"not found\n")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def hang(self, handler: Any) -> None:
+        """A route answering nothing at all until `release` is set."""
+        self.release.wait(30)
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> GeoMirror:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -38,6 +38,11 @@ class Services:
             if self.aggregate_relay is not None:
                 self.aggregate_relay.start()
 
+    def reload_geo(self) -> None:
+        """SIGHUP in the master: reopen the geo databases (those `geo update` installed
+        since start-up included); the workers forked next use them."""
+        self.geo.reload(geo_paths(self.config))
+
     def close(self) -> None:
         self.housekeeping.close()
         self.relay.close()
@@ -61,6 +66,37 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def geo_paths(config: Any) -> tuple[str | None, str | None]:
+    """The geo databases to open: geoip-country-db / geoip-asn-db, else what `tt-server geo
+    update` installed in geo-dir."""
+    from ..geo_update import geo_dir, installed
+
+    country, asn = config.geoip_country_db, config.geoip_asn_db
+    if country is None or asn is None:
+        found = installed(geo_dir(config))
+        country = country or found[0]
+        asn = asn or found[1]
+    return country, asn
+
+
+def check_relay_geo(config: Any, geo: Any) -> None:
+    """OONI discards reports located AS0 / ZZ: with ooni-relay, no country or no ASN database
+    is a configuration error unless ooni-relay-without-geo accepts it."""
+    if not config.ooni_relay or config.ooni_relay_without_geo:
+        return
+    missing = [name for name, present in (("country", geo.has_country), ("ASN", geo.has_asn))
+               if not present]
+    if missing:
+        from ..config import ConfigError
+        from ..geo_update import geo_dir
+
+        raise ConfigError(
+            f"ooni-relay: no {' and no '.join(missing)} database, so OONI would get no "
+            f"reports (it drops AS0/ZZ): run `tt-server geo update` (into "
+            f"{geo_dir(config)}), or set geoip-country-db and geoip-asn-db, or accept it "
+            "with --ooni-relay-without-geo")
 
 
 def create_app(config: Any = None) -> Any:
@@ -94,7 +130,13 @@ def create_app(config: Any = None) -> Any:
     limits = build_limits(config)  # in the master: its client-hash key is every worker's
     run_dir = run_directory()  # the leader lock, the metrics' files: made before the fork
     metrics.setup(config.metrics_listen, os.path.join(run_dir, "metrics"))
-    geo = open_geo(config.geoip_country_db, config.geoip_asn_db)
+    geo = open_geo(*geo_paths(config))
+    try:
+        check_relay_geo(config, geo)
+    except Exception:
+        geo.close()
+        store.close()
+        raise
     prepare_schema()
     prepare_schema(OUTLINE_SCHEMA)
     relay = build_relay(config, store)

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__, metrics
 from ..errors import ReportError
+from ..geo_update import health as geo_health
 from ..pipeline.enrich import enrich
 from ..pipeline.outline import SCHEMA as OUTLINE_SCHEMA
 from ..pipeline.outline import is_outline, translate
@@ -157,7 +158,7 @@ def healthz() -> tuple[Response, int]:
         "ok": store_ok,
         "store": {"backend": svc.store.backend, "ok": store_ok,
                   **({"disk": disk} if (disk := svc.store.disk()) else {})},
-        "geo": svc.geo.info(),
+        "geo": geo_health(svc.geo.info(), svc.config.geo_stale_after),
         "relay": {"destinations": [label(d) for d in svc.relay.destinations()],
                   "backlog": {label(d): v for d, v in backlog.items()} if backlog else backlog,
                   **health},
