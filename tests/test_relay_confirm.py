@@ -30,8 +30,8 @@ def make_app(tmp_path, fake):
 
     def make(name="a", **options):
         config = {"database-url": f"sqlite:///{tmp_path}/{name}.db", "collector-id": "c",
-                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0, **CONFIRM,
-                  **options}
+                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0,
+                  "ooni-relay-without-geo": True, **CONFIRM, **options}
         app = create_app(config)
         apps.append(app)
         return app
