@@ -8,10 +8,8 @@ import time
 import pytest
 import requests
 
-from tunnel_telemetry.server.worker import error_response, http_error
+from tunnel_telemetry.server.worker import ConnectionLimits, error_response, http_error
 from tunnel_telemetry.testing.reports import make_report
-
-pytestmark = pytest.mark.e2e
 
 HEADER_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 3.0
@@ -77,6 +75,7 @@ def slow_report(address):
     return head, body
 
 
+@pytest.mark.e2e
 def test_slow_clients_do_not_stop_others(tt_server):
     """Idle sockets, trickled heads (new and kept-alive) and stalled bodies at once, on a
     worker with 16 places: other clients are still served; the slow ones are cut off at their
@@ -136,6 +135,7 @@ def test_slow_clients_do_not_stop_others(tt_server):
     assert "Traceback" not in logs
 
 
+@pytest.mark.e2e
 def test_a_slow_body_cannot_take_more_than_its_share(tt_server):
     """One client address holds at most max-in-flight-per-client threads of a worker."""
     server = tt_server("--workers", "1", "--worker-connections", "16", "--proxy-hops", "1",
@@ -168,6 +168,7 @@ def test_a_slow_body_cannot_take_more_than_its_share(tt_server):
             sock.close()
 
 
+@pytest.mark.e2e
 def test_header_pieces_and_pipelining_still_work(tt_server):
     """Reading heads in the event loop must not change what a normal client sees."""
     server = tt_server("--workers", "1", "--rate-limit", "0")
@@ -234,6 +235,7 @@ def served_at_once(server):
         return resp.status_code, time.monotonic() - started
 
 
+@pytest.mark.e2e
 def test_a_few_networks_cannot_take_every_connection_or_upload(tt_server):
     """Clients of two networks fill the worker's places with idle sockets and trickled heads,
     then hold slow uploads: every in-flight place would be theirs. The caps per address and
@@ -273,3 +275,34 @@ def test_a_few_networks_cannot_take_every_connection_or_upload(tt_server):
     assert "connection_refused" in logs and "slow_client_cut body" in logs
     assert "127.1.0." not in logs and "127.2.0." not in logs
     assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize("one, other, same_client, same_network", [
+    ("192.0.2.1", "192.0.2.1", True, True),
+    ("192.0.2.1", "192.0.2.200", False, True),  # one /24
+    ("192.0.2.1", "192.0.3.1", False, False),
+    ("192.0.2.1", "::ffff:192.0.2.1", True, True),  # IPv4-mapped is the IPv4 address
+    ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", True, True),  # one /64
+    ("2001:db8:1:2::1", "2001:db8:1:3::1", False, True),  # one /48
+    ("2001:db8:1:2::1", "2001:db8:2:2::1", False, False),
+    ("fe80::1%eth0", "fe80::2", True, True),  # the zone does not matter
+])
+def test_connection_keys(one, other, same_client, same_network):
+    a, b = ConnectionLimits.keys((one, 1)), ConnectionLimits.keys((other, 2))
+    assert (a[0] == b[0], a[1] == b[1]) == (same_client, same_network)
+
+
+def test_connection_caps_count_open_connections_only():
+    limits = ConnectionLimits(per_client=2, per_network=3)
+    first, second = limits.open(("192.0.2.1", 1)), limits.open(("192.0.2.1", 2))
+    assert first and second and limits.open(("192.0.2.1", 3)) is False  # the client's 2
+    third = limits.open(("192.0.2.2", 1))
+    assert third and limits.open(("192.0.2.3", 1)) is False  # the network's 3
+    assert limits.open(("198.51.100.1", 1))  # another network
+    limits.close(first)
+    assert limits.open(("192.0.2.3", 1))  # a place freed
+    assert limits.open(("", 0)) is None and limits.open(None) is None  # no address: not counted
+    assert ConnectionLimits(0, 0).open(("192.0.2.1", 1)) is None  # off
+    for keys in (second, third):
+        limits.close(keys)
+    assert "192.0.2.1" not in repr(limits.clients) + repr(limits.networks)

@@ -78,11 +78,12 @@ def http_error(exc: BaseException) -> tuple[int, str]:
     return 500, "internal error, retry later"
 
 
-def error_response(status: int, message: str) -> bytes:
+def error_response(status: int, message: str, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 response with the JSON error body; the connection closes."""
     body = json.dumps(error_body(message)).encode()
     head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             "Connection: close\r\n"
+            + (f"Retry-After: {retry_after}\r\n" if retry_after is not None else "") +
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode("latin-1") + body
@@ -289,7 +290,8 @@ class CollectorWorker(GeventWorker):
         keys = self.connections.open(addr)
         if keys is False:
             log.info("connection_refused: too many from one network")
-            _answer_and_close(client, 429, "too many open connections from your network")
+            _answer_and_close(client, 429, "too many open connections from your network",
+                              retry_after=1)
             return
         try:
             if isinstance(client, ssl.SSLSocket) and not self._handshake(client):
@@ -333,11 +335,12 @@ class CollectorWorker(GeventWorker):
         _answer_and_close(client, status, message)
 
 
-def _answer_and_close(sock: Any, status: int, message: str) -> None:
+def _answer_and_close(sock: Any, status: int, message: str,
+                      retry_after: int | None = None) -> None:
     """Best effort, never waiting long: the client may be slow or gone."""
     try:
         sock.settimeout(1.0)
-        sock.sendall(error_response(status, message))
+        sock.sendall(error_response(status, message, retry_after))
     except (OSError, ValueError):
         pass
     finally:
