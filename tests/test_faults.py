@@ -279,7 +279,10 @@ def test_geo_dbs_reload_on_sighup_without_a_restart(tmp_path, tt_server):
         return body["client_asn"], body["client_cc"]
 
     def hup_until(expected):
+        before = set(server.worker_pids())
         os.kill(master, signal.SIGHUP)
+        # The old workers answer (from the old databases) until they stop accepting (~1 s).
+        assert wait_for(lambda: not before & set(server.worker_pids())), server.logs()[-2000:]
         assert wait_for(lambda: answer() == expected), (answer(), server.logs()[-2000:])
         assert [answer() for _ in range(10)] == [expected] * 10, "every worker has it"
 
