@@ -153,3 +153,20 @@ def test_systemd_unit_verifies(tmp_path):
     problems = [line for line in (out.stdout + out.stderr).splitlines()
                 if "tt-server.service" in line and "Unknown" in line]
     assert not problems, problems
+
+
+def test_sample_config_names_every_option_and_loads_as_written(tmp_path):
+    """examples/config.yaml shows every option; uncommented, its defaults load unchanged."""
+    from tunnel_telemetry.config import OPTIONS, load_config
+
+    sample = ROOT / "examples" / "config.yaml"
+    text = sample.read_text()
+    keys = set(re.findall(r"^(?:# )?([a-z][a-z0-9-]*):", text, re.M))
+    assert {opt.name for opt in OPTIONS} <= keys, {opt.name for opt in OPTIONS} - keys
+    as_written = load_config(env={}, path=str(sample))
+    assert as_written.collector_id == "my-collector"
+    uncommented = tmp_path / "all.yaml"
+    names = "|".join(re.escape(opt.name) for opt in OPTIONS)
+    uncommented.write_text(re.sub(rf"^# ((?:{names}): \S.*)$", r"\1", text, flags=re.M))
+    everything = load_config(env={}, path=str(uncommented))
+    assert everything == as_written
