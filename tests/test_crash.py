@@ -121,8 +121,9 @@ def test_sigkill_workers_and_master_under_load(tt_server):
             line for line in server.logs().splitlines() if "ERROR" in line][-10:])
 
         # relay-timeout 0: every relay runs after the 201, so kills interrupt relays of
-        # acknowledged reports. Leases held by killed processes run out (relay-attempt-timeout
-        # + 30 s, or 60 s for the retry loop's batches), then the backlog drains.
+        # acknowledged reports. Leases held by killed processes run out (1 s + the 10 s
+        # margin for a fresh report, 4 x 1 s + 10 s for the retry loop's batches), then the
+        # backlog drains.
         assert wait_for(lambda: acknowledged <= set(fake.uuids()), timeout=150), (
             len(acknowledged - set(fake.uuids())), server.logs()[-3000:])
         assert wait_for(lambda: backlog(server) == {}, timeout=150), backlog(server)

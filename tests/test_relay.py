@@ -720,12 +720,17 @@ def test_retry_loop_sends_a_claimed_batch_concurrently(make_app, fake, concurren
     assert svc(app).store.backlog() == {}
 
 
-def test_loop_lease_covers_the_batch_at_its_concurrency(make_app):
-    app = make_app(**{"relay-concurrency": "8", "relay-attempt-timeout": "10s"})
+@pytest.mark.parametrize("attempt_timeout, lease", [
+    ("10s", 4 * 10 + 10),  # the margin: relay-attempt-timeout, at least 10 s
+    ("1s", 4 * 1 + 10),
+    ("30s", 4 * 30 + 30),
+])
+def test_loop_lease_covers_the_batch_at_its_concurrency(make_app, attempt_timeout, lease):
+    app = make_app(**{"relay-concurrency": "8", "relay-attempt-timeout": attempt_timeout})
     relay = svc(app).relay
     sender = relay._state().senders["ooni"]
     assert sender.batch_size == 32  # 4 rounds of 8
-    assert relay.loop_lease(sender) == 4 * 10 + 30
+    assert relay.loop_lease(sender) == lease
 
 
 def test_destination_failing_mid_batch_releases_the_rest(make_app, fake):

@@ -17,7 +17,6 @@ from .state import Process
 
 log = logging.getLogger(__name__)
 
-SYNC_LEASE_MARGIN = 30.0  # lease of a fresh report beyond relay-attempt-timeout
 SYNC_START_WINDOW = 5.0  # an attempt for a fresh report must start this soon
 # First attempts in the request: relay-concurrency pool greenlets (threads outside a gevent
 # worker) per destination, and up to INFLIGHT_PER_THREAD attempts per pool thread queued or

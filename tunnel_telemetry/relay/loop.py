@@ -15,12 +15,10 @@ from typing import Any
 
 from .outcome import DELIVERED, EXPIRED, Outcome, is_destination_failure
 from .senders import Sender, is_batched, sender_concurrency
-from .state import Process
+from .state import Process, lease_margin
 
 log = logging.getLogger(__name__)
 
-LOOP_LEASE_MARGIN = 30.0  # lease of a claimed batch beyond its worst-case sending time
-LOOP_RECORD_MARGIN = 10.0  # last attempt of a batch ends this long before its lease does
 
 
 class RetryLoop:
@@ -77,7 +75,7 @@ class RetryLoop:
                 break
             # The last moment an attempt may start and still be recorded inside the lease.
             last_start = (started + lease - self.config.relay_attempt_timeout
-                          - LOOP_RECORD_MARGIN)
+                          - lease_margin(self.config.relay_attempt_timeout) / 3)
             todo = []
             for claim in claims:
                 if started - claim.created > self.config.relay_max_age:
@@ -112,7 +110,8 @@ class RetryLoop:
         attempt taking relay-attempt-timeout, ``concurrency`` at a time) plus a margin."""
         rounds = (1 if is_batched(sender)
                   else math.ceil(sender.batch_size / sender_concurrency(sender)))
-        return rounds * self.config.relay_attempt_timeout + LOOP_LEASE_MARGIN
+        return (rounds * self.config.relay_attempt_timeout
+                + lease_margin(self.config.relay_attempt_timeout))
 
     def _send_batch(self, ps: Process, dest: str, claims: list[Any],
                     stop: Callable[[], bool], counts: Counter) -> tuple[set[str], bool]:

@@ -33,12 +33,12 @@ from typing import Any
 
 from .. import httpclient, metrics
 from ..store.base import Enqueue, RelayQueue
-from .first_attempt import INFLIGHT_PER_THREAD, SYNC_LEASE_MARGIN, FirstAttempt
+from .first_attempt import INFLIGHT_PER_THREAD, FirstAttempt
 from .loop import RetryLoop
 from .ooni import explorer_link
 from .outcome import DELIVERED, EXPIRED, FAILED, PENDING, SKIPPED, Outcome, is_destination_failure
 from .senders import COLLECTOR, OONI, Sender, make_sender, pool_threads
-from .state import Holds, Process
+from .state import Holds, Process, lease_margin
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Relay(FirstAttempt, RetryLoop):
         self._dests = ([OONI] if config.ooni_relay else []) + [
             COLLECTOR + url for url in config.relay_url]
         self._sender_factory = sender_factory or self._make_sender
-        self._lease = config.relay_attempt_timeout + SYNC_LEASE_MARGIN
+        self._lease = config.relay_attempt_timeout + lease_margin(config.relay_attempt_timeout)
         self._pool_threads = pool_threads(config)
         self._max_inflight = INFLIGHT_PER_THREAD * self._pool_threads
         self._proc_lock = threading.Lock()  # held without waiting (nothing under it yields)

@@ -14,6 +14,12 @@ from .outcome import Outcome
 from .senders import Sender
 
 
+def lease_margin(attempt_timeout: float) -> float:
+    """How long a lease outlasts its attempts' worst-case sending time, for the store writes
+    around them: relay-attempt-timeout, at least 10 s. A lease held by a killed process
+    blocks its reports this long past that time."""
+    return max(10.0, attempt_timeout)
+
 @dataclass
 class Hold:
     """One destination's backoff."""
