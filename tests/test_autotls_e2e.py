@@ -133,9 +133,9 @@ def test_autotls_issue_serve_restart_reuse_and_forced_renewal(tmp_path):
 @needs_pebble
 def test_autotls_background_renewal_drops_no_request_then_backs_off(tmp_path):
     cache, db = tmp_path / "cache", tmp_path / "r.db"
-    # Certificates live 2 days + 10 s: with renew-before-days 2 one becomes due 10 s after
+    # Certificates live 2 days + 3 s: with renew-before-days 2 one becomes due 3 s after
     # it is issued, so the running server renews in the background within the test.
-    with Pebble(tmp_path / "pebble", validity=2 * 86400 + 10) as pebble:
+    with Pebble(tmp_path / "pebble", validity=2 * 86400 + 3) as pebble:
         port = free_port()
         srv = https_server(tmp_path, "first", autotls_args(pebble, cache, db,
                                                            "--renew-before-days", "1"),

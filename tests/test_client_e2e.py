@@ -54,11 +54,11 @@ def shared(tmp_path_factory):
 def collector(tmp_path, tt_server, shared):
     """Factory: ``c1`` is the shared collector, other names start their own."""
 
-    def start(name="c1"):
+    def start(name="c1", query=""):
         if name == "c1":
             return shared
         db = tmp_path / f"{name}.db"
-        srv = tt_server("--database-url", f"sqlite:///{db}", "--collector-id", name,
+        srv = tt_server("--database-url", f"sqlite:///{db}{query}", "--collector-id", name,
                         "--workers", "1", name=name)
         return srv, db
 
@@ -151,7 +151,7 @@ def test_400_is_not_sent_elsewhere(collector, spool):
 
 def test_5xx_then_success(collector, spool):
     """The collector answers 503 while its database is locked, then takes the report."""
-    srv, db = collector("locked")
+    srv, db = collector("locked", "?timeout=1")  # a write waits 1 s for the lock, then 503
     lock = sqlite3.connect(db, isolation_level=None, timeout=1)
     lock.execute("BEGIN IMMEDIATE")
     released = []
