@@ -185,7 +185,7 @@ def endpoint_of(address):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(endpoint=addresses, client=st.ip_addresses(v=4).filter(lambda ip: ip.is_global),
+@given(endpoint=addresses, client=st.ip_addresses().filter(lambda ip: ip.is_global),
        data=st.data())
 def test_no_spelling_survives(collectors, endpoint, client, data):
     a, _, _ = collectors
