@@ -1,4 +1,5 @@
 import os
+import signal
 import uuid
 
 import pytest
@@ -60,7 +61,10 @@ def tt_server(tmp_path):
 
     yield start
     for server in servers:
-        server.stop()
+        # Gunicorn's quick shutdown: the test is over, so waiting out a graceful stop (~2 s: a
+        # gevent worker checks its connections once a second) only costs time. Tests of a
+        # graceful stop call server.stop() themselves.
+        server.stop(signal.SIGINT)
 
 
 @pytest.fixture(scope="session")
