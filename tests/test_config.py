@@ -5,9 +5,7 @@ from tunnel_telemetry.config import (
     Config,
     ConfigError,
     describe,
-    format_duration,
     load_config,
-    parse_duration,
 )
 
 
@@ -168,15 +166,6 @@ def test_tt_hostname_wins_over_dockers_hostname():
 def test_bare_config_variable_is_not_a_config_file():
     # CONFIG is too common a name (other tools set it): only TT_CONFIG names the file.
     assert load_config(env={"CONFIG": "nope.yaml"}).collector_id is None
-
-
-@pytest.mark.parametrize("seconds, text", [
-    (604800.0, "7d"), (5.0, "5s"), (300.0, "5m"), (43200.0, "12h"), (0.25, "250ms"),
-    (0.0, "0s"), (90.0, "90s"), (1.5, "1500ms"),
-])
-def test_format_duration_round_trips(seconds, text):
-    assert format_duration(seconds) == text
-    assert parse_duration(text) == seconds
 
 
 def test_scrub_allow_config_keys_are_compared_as_scrub_does():

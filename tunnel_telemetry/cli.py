@@ -370,7 +370,7 @@ def purge_command(ctx: click.Context, older_than: float, dry_run: bool,
 
 
 def _duration(value: str) -> float:
-    from .config import parse_duration
+    from .durations import parse_duration
 
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -405,7 +405,7 @@ def geo_update_command(ctx: click.Context, provider: str | None, reload_pid: str
     databases are installed or up to date, 1 when the update failed (nothing changed), 2 on
     a configuration error.
     """
-    from .config import parse_duration
+    from .durations import parse_duration
     from .geo_update import (
         GeoUpdateConfigError,
         GeoUpdateError,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from .config import parse_duration
+from .durations import parse_duration
 from .protocol.fields import parse_time
 from .store import dumps
 

@@ -13,7 +13,7 @@ import uuid as uuidlib
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..config import format_duration
+from ..durations import format_duration
 from ..errors import ReportError
 from ..protocol.fields import (
     MAX_ASN,
