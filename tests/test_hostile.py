@@ -192,7 +192,7 @@ valid_reports = st.fixed_dictionaries(
             optional={"msg": text, "error": text, "posix_error": text.map(lambda t: t[:64])}),
         "uuid": st.uuids().map(str),
         "sampling_rate": st.floats(0, 1, exclude_min=True),
-        "client_asn": st.integers(0, 2**32).map(lambda n: f"AS{n}"),
+        "client_asn": st.integers(0, 2**32 - 1).map(lambda n: f"AS{n}"),
         "client_cc": st.from_regex(r"\A[A-Z]{2}\Z"),
         "unknown-field": clean_json,
     },
