@@ -2,9 +2,11 @@
 
 import json
 import select
+import selectors
 import socket
 import threading
 import time
+from collections import Counter
 
 import pytest
 import requests
@@ -308,3 +310,142 @@ def test_connection_caps_count_open_connections_only():
     for keys in (second, third):
         limits.close(keys)
     assert "192.0.2.1" not in repr(limits.clients) + repr(limits.networks)
+
+
+class Flood(threading.Thread):
+    """Connections from a few source addresses, held open: each sends its ``data`` at once,
+    then, when ``trickle``, one more header byte every TRICKLE seconds. An answered or closed
+    connection is counted by its status (``closed`` without one) and, with ``again``, opened
+    once more after that many seconds: the flood is kept up."""
+
+    TRICKLE = 0.2
+
+    def __init__(self, server, plan, again=None):
+        super().__init__(daemon=True)
+        self.server, self.plan, self.again = server, plan, again  # plan: (source, data, trickle)
+        self.answers: Counter[str] = Counter()
+        self.first_answer: dict[str, float] = {}
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.selector = selectors.DefaultSelector()
+        self.started = 0.0
+
+    def open(self, index):
+        source, data, _ = self.plan[index]
+        sock = from_address(self.server, source, data)
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ, index)
+
+    def held(self):
+        """Connections open and not answered."""
+        return len(self.selector.get_map())
+
+    def _answered(self, key, data):
+        status = data[9:12].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+        self.answers[status] += 1
+        self.first_answer.setdefault(status, time.monotonic() - self.started)
+        self.selector.unregister(key.fileobj)
+        key.fileobj.close()
+        return key.data
+
+    def run(self):
+        self.started = time.monotonic()
+        for index in range(len(self.plan)):
+            self.open(index)
+        self.ready.set()
+        pending: list[tuple[float, int]] = []
+        next_byte = time.monotonic() + self.TRICKLE
+        while not self.stop.is_set():
+            for key, _ in self.selector.select(timeout=0.05):
+                try:
+                    data = key.fileobj.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                index = self._answered(key, data)
+                if self.again is not None:
+                    pending.append((time.monotonic() + self.again, index))
+            now = time.monotonic()
+            for due, index in [p for p in pending if p[0] <= now]:
+                pending.remove((due, index))
+                self.open(index)
+            if now >= next_byte:
+                next_byte = now + self.TRICKLE
+                for key in list(self.selector.get_map().values()):
+                    if self.plan[key.data][2]:
+                        try:
+                            key.fileobj.send(b"a")
+                        except OSError:
+                            self._answered(key, b"")
+        for key in list(self.selector.get_map().values()):
+            self.selector.unregister(key.fileobj)
+            key.fileobj.close()
+
+    def __enter__(self):
+        self.start()
+        assert self.ready.wait(60)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.join(10)
+
+
+# The defaults that the test harness turns off (TTServer: one client sends a whole test's load).
+DEFAULT_LIMITS = ("--rate-limit", "120", "--max-in-flight-per-client", "2")
+
+
+def served_again_and_again(server, seconds):
+    """A normal client sending report after report for ``seconds``: the time each took."""
+    took = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        status, seconds_taken = served_at_once(server)
+        assert status == 201, status
+        took.append(seconds_taken)
+        time.sleep(0.1)
+    return took
+
+
+@pytest.mark.e2e
+def test_two_thousand_idle_or_trickling_sockets_from_a_few_networks(tt_server):
+    """Issue 21.4 at its scale and the default limits: 2,000 sockets, idle or trickling a
+    request head, from 16 addresses of 4 networks, would take both workers' 1,000 places
+    (new clients waited header-timeout, 10 s). Each worker holds 32 of a /24, 8 of an
+    address, and answers the rest 429: a normal client gets its 201 in under a second."""
+    server = tt_server("--workers", "2", *DEFAULT_LIMITS)
+    sources = [f"127.21.{network}.{host}" for network in range(1, 5) for host in range(1, 5)]
+    head = b"POST /report HTTP/1.1\r\nHost: collector\r\nX-Pad: "
+    plan = [(sources[index % 16], head if index % 2 else b"", bool(index % 2))
+            for index in range(2000)]
+    with Flood(server, plan) as flood:
+        time.sleep(0.5)  # the workers have taken or refused all of them
+        took = served_again_and_again(server, 2.0)
+        held = flood.held()
+    assert len(took) >= 8 and max(took) < 1.0, took
+    assert 0 < held <= 2 * 4 * 32, held  # two workers, four networks, 32 each
+    refused = flood.answers["429"] + flood.answers["closed"]
+    assert flood.answers["429"] > 0 and refused == 2000 - held, flood.answers
+    logs = server.logs()
+    assert "connection_refused" in logs and "127.21." not in logs and "Traceback" not in logs
+
+
+@pytest.mark.e2e
+def test_sixty_four_addresses_holding_four_slow_uploads_each(tt_server):
+    """Issue 21.4's other flood, kept up: 64 addresses (each in a network of its own) send 4
+    uploads each that stall after 10 bytes, and send them again when cut off. 256 would be
+    the whole max-in-flight of the worker; max-in-flight-per-client lets 2 of an address in,
+    min-upload-rate cuts them off in ~3 s instead of request-timeout's 30, and a normal
+    client gets its 201 in under a second throughout."""
+    server = tt_server("--workers", "1", *DEFAULT_LIMITS)
+    head, body = slow_report("0.0.0.0")
+    plan = [(f"127.22.{address}.1", head + body[:10], False)
+            for address in range(64) for _ in range(4)]
+    with Flood(server, plan, again=0.2) as flood:
+        took = served_again_and_again(server, 4.0)
+    assert len(took) >= 15 and max(took) < 1.0, took
+    assert flood.answers["408"] >= 128 and flood.answers["429"] > 0, flood.answers
+    assert flood.first_answer["408"] < 4.0, flood.first_answer
+    logs = server.logs()
+    assert "slow_client_cut body" in logs and "client_busy" in logs
+    assert "127.22." not in logs and "Traceback" not in logs
