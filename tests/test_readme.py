@@ -179,7 +179,9 @@ def test_readme_quick_start_runs_as_written(tmp_path):
                 assert "1.1.1.1" not in out.stdout
         assert (tmp_path / "tt-data" / "reports.db").exists()
         assert wait_for(lambda: requests.get(server.url + "/healthz", timeout=5).ok)
-    assert "1.1.1.1" not in server.logs() and "127.0.0.1:" not in server.logs().replace(
+    logs = server.logs()
+    assert "Listening at: http://127.0.0.1:8080 (" in logs  # the operator's own address
+    assert "1.1.1.1" not in logs and "127.0.0.1:" not in logs.replace(
         "Listening at: http://127.0.0.1:8080", "")
 
 

@@ -78,3 +78,25 @@ def test_client_paths_stay_out_of_access_and_debug_logs(tt_server):
     logs = server.logs()
     assert '"GET - HTTP/1.1" 404' in logs and '"POST /report HTTP/1.1" 400' in logs
     assert "16843009" not in logs and "2001:db8" not in logs and "/x:" not in logs
+
+
+@pytest.mark.parametrize("msg, args, shown", [
+    ("Listening at: %s (%s)", ("http://0.0.0.0:8080", 4242),
+     "Listening at: http://0.0.0.0:8080 (4242)"),
+    ("Listening at: %s (%s)", ("https://[::]:443", 7), "Listening at: https://[::]:443 (7)"),
+    ("Listening at: %s", ("http://127.0.0.1:8080",), "Listening at: http://127.0.0.1:8080"),
+    # Any other line is redacted, addresses in its arguments included.
+    ("Invalid request from ip=%s", ("81.2.69.160",), "Invalid request from ip=[scrubbed]"),
+    ("Listening at: http://81.2.69.160:80 (1)", (), "Listening at: http://[scrubbed]"),
+])
+def test_the_start_up_line_shows_the_listen_address(capsys, msg, args, shown):
+    cfg = Config()
+    cfg.set("errorlog", "-")
+    capsys.readouterr()
+    log = ScrubbingLogger(cfg)
+    log.info(msg, *args)
+    for handler in log.error_log.handlers:
+        handler.flush()
+    err = capsys.readouterr().err
+    assert shown in err, err
+    assert "81.2.69.160" not in err

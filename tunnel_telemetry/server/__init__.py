@@ -10,10 +10,12 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from .. import metrics
-from ..logs import RedactingFilter
+from ..logs import REDACTED_ATTR, RedactingFilter
 from ..web import ROUTE_KEY
 
 # No %(h)s (remote address), no headers, no query string: nothing that identifies a client.
+# Gunicorn's start-up and reload lines: its listeners (and the pid).
+LISTENING = ("Listening at: %s (%s)", "Listening at: %s")
 ACCESS_LOG_FORMAT = '%(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 
 
@@ -28,6 +30,14 @@ class ScrubbingLogger(GunicornLogger):
             for handler in logger.handlers:
                 if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                     handler.addFilter(RedactingFilter())
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """The start-up line keeps the operator's own listen address (its listeners are the
+        server's sockets, never client data); every other line is redacted."""
+        if msg in LISTENING and args:
+            kwargs["extra"] = {**kwargs.get("extra", {}), REDACTED_ATTR: True}
+            msg, args = msg % args, ()
+        super().info(msg, *args, **kwargs)
 
     def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict[str, Any]:
         """The atoms an access_log_format may use; anything else (%(h)s, headers, environ,
