@@ -68,6 +68,9 @@ def test_listen(env, listen):
     ({"COLLECTOR_ID": "has space"}, "collector-id"),
     ({"SCRUB_ALLOW_CONFIG_KEYS": "lang,sni"}, "'sni' names a secret"),
     ({"SCRUB_ALLOW_CONFIG_KEYS": "PassWord"}, "'password' names a secret"),
+    ({"SCRUB_ALLOW_CONFIG_KEYS": "shortid"}, "'shortid' names a secret"),
+    ({"SCRUB_ALLOW_CONFIG_KEYS": "localIp"}, "'localip' names a secret"),
+    ({"SCRUB_ALLOW_CONFIG_KEYS": "serviceName"}, "'servicename' names a secret"),
     ({"SCRUB_ALLOW_CONFIG_KEYS": "a b"}, "scrub-allow-config-keys"),
 ])
 def test_bad_values(env, message):

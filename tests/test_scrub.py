@@ -28,6 +28,12 @@ S = PLACEHOLDER
     ("publicKey", True), ("shortId", True), ("auth-token", True), ("psk", True),
     ("secret", True), ("user", True), ("host", True), ("sni", True), ("seed", True),
     ("sid", True), ("contact", True), ("mail", True), ("email", True), ("path", True),
+    # Run together in lower case, as scrub-allow-config-keys compares them.
+    ("shortid", True), ("realitysid", True), ("clientid", True), ("serverip", True),
+    ("pbk", True), ("spx", True), ("spiderx", True), ("servicename", True),
+    ("servername", True), ("mkcpseed", True), ("obfs-param", True), ("protocolparam", True),
+    ("username", True), ("sessionid", True), ("contactinfo", True),
+    ("lang", False), ("servicemode", False), ("header-type", False), ("security", False),
 ])
 def test_secret_keys(key, secret):
     """What the operator may not add to the allow-list (config.py)."""
@@ -196,8 +202,8 @@ def test_config_allow_list(config, kept):
 
 
 def test_operator_extends_the_allow_list():
-    report = _enriched(config={"servicename": "gun", "ws_path": "/x", "lang": "en"})
-    assert scrub(report, False, ("servicename", "lang"))["config"] == {"servicename": "gun",
+    report = _enriched(config={"servicemode": "gun", "ws_path": "/x", "lang": "en"})
+    assert scrub(report, False, ("servicemode", "lang"))["config"] == {"servicemode": "gun",
                                                                       "lang": "en"}
 
 

@@ -400,13 +400,14 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         raise ConfigError("request-timeout: must be at least header-timeout and at most 1h")
     if config.collector_id is not None and not re.fullmatch(r"[\w.:-]{1,128}", config.collector_id):
         raise ConfigError("collector-id: use 1-128 letters, digits, '.', ':', '_' or '-'")
+    given = config.scrub_allow_config_keys
     config = dataclasses.replace(config, scrub_allow_config_keys=tuple(
-        key.lower().replace("_", "-") for key in config.scrub_allow_config_keys))
-    for key in config.scrub_allow_config_keys:
+        key.lower().replace("_", "-") for key in given))
+    for spelled, key in zip(given, config.scrub_allow_config_keys, strict=True):
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,63}", key):
             raise ConfigError(f"scrub-allow-config-keys: {key!r}: use letters, digits, '.', "
                               "'-' and '_' (keys are compared in lower case, '_' as '-')")
-        if secret_key(key):
+        if secret_key(spelled) or secret_key(key):  # as given: serverIp is server + Ip
             raise ConfigError(f"scrub-allow-config-keys: {key!r} names a secret, an address "
                               "or an identifier: it is never kept")
     if config.autotls and not config.hostname:

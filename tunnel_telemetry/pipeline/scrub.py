@@ -41,7 +41,11 @@ SECRET_WORDS = frozenset({
     "hostname", "peer", "mac", "imei", "phone", "sni", "path", "url", "uri", "domain",
 })
 SECRET_FRAGMENTS = ("pass", "secret", "token", "uuid", "key", "cred", "auth", "cookie", "psk",
-                    "private", "mail", "host", "addr")
+                    "private", "mail", "host", "addr", "seed", "user", "session", "server",
+                    "peer", "name", "param", "sni", "pbk", "spider", "phone", "contact",
+                    "account", "login", "domain", "path", "url", "endpoint", "remote")
+# Run together in lower case (shortid, clientid, serverip, pbk): how a key ends.
+SECRET_ENDINGS = ("id", "ids", "ip", "ips", "spx")
 _KEY_WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 # Protocol and transport names: words of error text, parts of failure ops (`tcp.connect`) and
@@ -375,7 +379,7 @@ def secret_key(key: str) -> bool:
         word = word.lower()
         if word in SECRET_WORDS or any(f in word for f in SECRET_FRAGMENTS):
             return True
-    return False
+    return whole.endswith(SECRET_ENDINGS)
 
 
 def config_key(key: str, allowed: Collection[str] = ()) -> str | None:
