@@ -279,6 +279,47 @@ def test_dashboard_is_off_without_a_token(db_url):
     assert response.status_code == 404
 
 
+DBIP = "IP Geolocation by DB-IP (https://db-ip.com), CC BY 4.0"
+GEOLITE2 = ("This product includes GeoLite2 data created by MaxMind, available from "
+            "https://www.maxmind.com, GeoLite2 EULA")
+
+
+@pytest.mark.parametrize(("types", "expected"), [
+    (("DBIP-Country-Lite", "DBIP-ASN-Lite"), [DBIP]),
+    (("DBIP-Country-Lite", "GeoLite2-ASN"), [DBIP, GEOLITE2]),
+    (("GeoLite2-Country", None), [GEOLITE2]),
+    (("Private-Country", None), []),
+    ((None, None), []),
+])
+def test_the_geo_data_attribution_is_shown_with_the_aggregates(db_url, tmp_path, types,
+                                                               expected):
+    """Where the countries and networks are shown (GET /aggregates, /dashboard), the
+    licence's attribution of the databases they came from is too (DB-IP's CC BY 4.0)."""
+    from tunnel_telemetry.testing.geodb import write_asn_db, write_country_db
+    from tunnel_telemetry.web import create_app
+
+    country, asn = types
+    options = {"database-url": db_url, "dashboard-token": TOKEN}
+    if country:
+        options["geoip-country-db"] = write_country_db(
+            tmp_path / "c.mmdb", {"1.1.1.0/24": "AU"}, database_type=country)
+    if asn:
+        options["geoip-asn-db"] = write_asn_db(
+            tmp_path / "a.mmdb", {"1.1.1.0/24": (13335, "X")}, database_type=asn)
+    app = create_app(options)
+    try:
+        client = app.test_client()
+        document = client.get("/aggregates?period=hour").json
+        page = client.get("/dashboard", headers={"Authorization": basic(TOKEN)}).text
+    finally:
+        app.extensions["tunnel_telemetry"].close()
+    assert document.get("attribution", []) == expected
+    assert document["format"] == ag.FORMAT
+    assert ('id="attribution"' in page) == bool(expected)
+    for credit in expected:
+        assert credit in page
+
+
 def test_cli_prints_the_same_cells(runner, tmp_path, monkeypatch):
     monkeypatch.setattr(ag, "DEFAULT_SPAN", {"hour": 48, "day": 30})
     url = f"sqlite:///{tmp_path}/reports.db"

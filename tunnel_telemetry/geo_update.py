@@ -97,6 +97,16 @@ def attribution(database_type: str | None) -> str | None:
     return None
 
 
+def attributions(info: list[dict[str, Any]]) -> list[str]:
+    """The attributions the open databases' licences ask for (Geo.info()), once each."""
+    out: list[str] = []
+    for entry in info:
+        credit = attribution(entry.get("database_type"))
+        if credit is not None and credit not in out:
+            out.append(credit)
+    return out
+
+
 def geo_dir(config: Any) -> str:
     """geo-dir, or `geo` beside the SQLite store (tt-data/geo with PostgreSQL)."""
     if config.geo_dir:

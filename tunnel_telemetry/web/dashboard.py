@@ -24,6 +24,7 @@ from ..aggregate import (
     parse_query,
 )
 from ..errors import ReportError
+from ..geo_update import attributions
 from .plots import bar_chart, legend, line_chart
 from .relayed import check_token
 from .views import public_labels, read_json_body, services
@@ -59,6 +60,8 @@ def get_aggregates() -> Response:
     if source is None:
         document = build(services().store, query, services().config.aggregate_k,
                          current_app.extensions[CACHE_KEY])
+        if credits := attributions(services().geo.info()):
+            document["attribution"] = credits  # the geo data's licences ask for it
     else:
         if not SOURCE.fullmatch(source):
             raise ReportError("bad_parameter", "source: not a collector-id",
@@ -179,6 +182,7 @@ def dashboard() -> Response:
         "dashboard.html", document=document, charts=charts, labels=labels,
         failing=bar_chart("failing-endpoint-networks", "Top failing endpoint networks", bars)
         if bars else None, backlog=backlog, rejects=reject_totals(),
+        attribution=attributions(svc.geo.info()),
         totals={name: sum(p[name] for p in document["periods"])
                 for name in ("reports", "folded", "suppressed")})
     return Response(html, mimetype="text/html", headers=DASHBOARD_HEADERS)
