@@ -388,6 +388,51 @@ def test_command_lines_and_exit_status(tmp_path, served, build, runner):
     assert "up to date" in result.stdout
 
 
+# docs/geo.md's commands that need a running systemd unit: run by the named test instead.
+DOC_COVERED = {'tt-server geo update --reload-pid "$(systemctl':
+               "test_update_and_reload_while_serving_drops_no_request"}
+DOC_MIRROR = "https://mirror.example.org/dbip"  # the doc's example mirror: the local one here
+
+
+def test_docs_geo_commands_run_as_written(tmp_path, served, build):
+    """Every tt-server line of docs/geo.md, run by bash as written (the provider's address
+    swapped for the local mirror through TT_GEO_DOWNLOAD_URL), installs or is up to date."""
+    from pathlib import Path
+
+    from test_readme import commands, ours
+
+    month = _dbip_months(datetime.datetime.now(datetime.UTC))[0]
+    serve_dbip(served, build, month=month)
+    for path, answer in list(served.routes.items()):
+        served.routes["/dbip" + path] = answer
+    serve_maxmind(served, build)
+    serve_ipinfo(served, build)
+    doc = Path(__file__).resolve().parent.parent / "docs" / "geo.md"
+    lines = [cmd for cmd in commands(doc) if ours(cmd)]
+    run = [cmd for cmd in lines if not any(cmd.startswith(p) for p in DOC_COVERED)]
+    assert len(run) >= 5 and len(lines) - len(run) == len(DOC_COVERED)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TT_GEO_DOWNLOAD_URL": served.url, "PYTHONPATH": root}
+    for name in ("TT_CONFIG", "DATABASE_URL", "MAXMIND_ACCOUNT_ID", "MAXMIND_LICENSE_KEY",
+                 "IPINFO_TOKEN", "TT_GEO_DIR", "GEO_DIR", "TT_GEO_PROVIDER", "GEO_PROVIDER"):
+        env.pop(name, None)
+    shell = f'tt-server() {{ "{sys.executable}" -m tunnel_telemetry.cli "$@"; }}\n'
+    for cmd in run:
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                              shell + cmd.replace(DOC_MIRROR, served.url + "/dbip")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 0, (cmd, out.stdout, out.stderr)
+        assert "installed" in out.stdout or "up to date" in out.stdout, (cmd, out.stdout)
+        assert out.stdout.splitlines()[-1].startswith("data: "), (cmd, out.stdout)
+    assert {"country.mmdb", "asn.mmdb"} <= set(os.listdir(tmp_path / "tt-data" / "geo"))
+    assert {"country.mmdb", "asn.mmdb"} <= set(os.listdir(tmp_path / "geo-databases"))
+    providers = {path.split("/")[1] for path in downloads(served)}
+    assert providers == {"free", "geoip", "data", "dbip"}, "every provider and the mirror"
+    for covered in DOC_COVERED.values():
+        assert callable(globals()[covered])
+
+
 # --- the collector ----------------------------------------------------------------------------
 
 
