@@ -119,8 +119,19 @@ def test_counts_add_up_across_workers_and_leak_nothing(tt_server, geo_dbs):
     for needle in (CLIENT_IP, ENDPOINT_HOST, PASSWORD, "127.0.0.1", str(closed), fake.url,
                    "AS13335", TOKEN):
         assert needle not in text
+    for (name, labels), _ in samples.items():  # every label from a closed vocabulary
+        for label, got in labels:
+            assert re.fullmatch(LABEL_VALUES[label], got), (name, label, got)
     with requests.get(server.url + "/metrics", timeout=5) as resp:
         assert resp.status_code == 404  # never on the public port
+
+
+LABEL_VALUES = {
+    "source": "report|relay", "reason": "[a-z][a-z0-9_-]{0,39}",
+    "kind": "endpoint|config|failure", "destination": "ooni|collector-[1-9][0-9]*",
+    "outcome": "delivered|pending|failed|skipped|expired", "role": "country|asn|country_asn",
+    "route": "/[a-z/.-]*|unmatched", "method": "GET|POST|HEAD", "le": r"[0-9.]+|\+Inf",
+}
 
 
 def _up(url):
@@ -200,3 +211,24 @@ def test_totals_reads_the_multiprocess_counts():
     assert totals["tt_reports_rejected_total"] == {"schema": 2.0, "time_old": 1.0}
     assert totals["tt_reports_accepted_total"] == {"report": 1.0}
     assert totals["tt_relay_outcomes_total"] == {"ooni,delivered": 1.0}
+
+
+def test_docs_name_every_metric_and_only_real_ones():
+    """docs/operations.md's table lists each tt_ metric metrics.py defines, and its scrape
+    examples and alert rules use no other name."""
+    from pathlib import Path
+
+    source = Path(metrics.__file__).read_text()
+    defined = set(re.findall(r'"(tt_[a-z_]+)",', source))  # a metric name, then its help
+    histograms = set(re.findall(r'Histogram\("(tt_[a-z_]+)"', source))
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    table = set(re.findall(r"^\| `(tt_[a-z_]+)` \|", doc, re.M))
+    assert table == defined
+    series = defined | {f"{h}_{suffix}" for h in histograms for suffix in ("bucket", "sum",
+                                                                            "count")}
+    used = set(re.findall(r"\btt_[a-z_]+\b", doc))
+    assert used - series == set(), "names the collector does not export"
+    rules = re.search(r"```yaml\n(groups:.*?)```", doc, re.S).group(1)
+    assert set(re.findall(r"\btt_[a-z_]+\b", rules)) >= {
+        "tt_relay_backlog", "tt_relay_outcomes_total", "tt_geo_database_age_seconds",
+        "tt_reports_rejected_total"}, "backlog, relay failing, geo stale, rejections"

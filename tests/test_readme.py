@@ -9,16 +9,22 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import click
+import psycopg
 import pytest
 import requests
 
-from tunnel_telemetry.testing.server import TTServer, wait_for
+from tunnel_telemetry.store import open_store
+from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.testing.server import TTServer, free_port, wait_for
+from tunnel_telemetry.web import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -191,3 +197,95 @@ def test_the_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q '.[test]'" in ci and "python -m pytest -q\n" in ci
     assert readme.endswith("python -m pytest -q")
+
+
+# -- docs/operations.md's SQL, on stores the collector filled ----------------------------------
+
+SQL_DOC = ROOT / "docs" / "operations.md"
+SQL_DIALECT = {"sqlite": "-- SQLite", "postgres": "-- PostgreSQL"}
+# (client address, endpoint, failure): the clients in the test geo databases' networks
+SQL_REPORTS = [
+    ("1.1.1.7", "ss://6.6.6.6:443", None),
+    ("1.1.1.8", "ss://6.6.6.6:443", {"op": "tcp.connect", "posix_error": "ECONNREFUSED"}),
+    ("1.1.1.9", "https://2.3.4.5:8443", {"op": "tls.handshake", "msg": "reset"}),
+    ("2.3.4.7", "ss://1.1.1.1:443", {"op": "tcp.connect", "posix_error": "ECONNREFUSED"}),
+    ("2.3.4.8", "vless://1.1.1.2:443", None),
+]
+
+
+def sql_examples(dialect: str) -> list[str]:
+    """The statements of docs/operations.md's sql block for a dialect, comments off."""
+    blocks = [b for b in re.findall(r"```sql\n(.*?)```", SQL_DOC.read_text(), re.S)
+              if b.startswith(SQL_DIALECT[dialect] + "\n")]
+    assert len(blocks) == 1, f"one sql block starting {SQL_DIALECT[dialect]!r}"
+    text = "\n".join(line for line in blocks[0].splitlines() if not line.startswith("--"))
+    return [stmt.strip() for stmt in text.split(";") if stmt.strip()]
+
+
+def _run_sql(db_url: str, backend: str, statements: list[str]) -> list[list[tuple]]:
+    """Each statement's rows, columns named oldest_s (a moving age) left out."""
+    out = []
+    if backend == "sqlite":
+        conn = sqlite3.connect(f"file:{db_url[len('sqlite:///'):]}?mode=ro", uri=True)
+    else:
+        conn = psycopg.connect(db_url)
+    try:
+        for stmt in statements:
+            cur = conn.execute(stmt)
+            keep = [i for i, col in enumerate(cur.description) if col[0] != "oldest_s"]
+            out.append([tuple(str(row[i]) for i in keep) for row in cur.fetchall()])
+    finally:
+        conn.close()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_docs_sql_examples_run_on_a_store_the_collector_filled(backend, tmp_path, geo_dbs,
+                                                                request):
+    """Each SQLite example runs against reports stored by the app and answers what the store
+    holds; the PostgreSQL ones answer the same on the same reports."""
+    db_url = (f"sqlite:///{tmp_path}/reports.db" if backend == "sqlite"
+              else request.getfixturevalue("pg_url"))
+    country, asn = geo_dbs
+    app = create_app({"database-url": db_url, "geoip-country-db": str(country),
+                      "geoip-asn-db": str(asn), "proxy-hops": 1,
+                      "relay-url": [f"http://127.0.0.1:{free_port()}"],  # down: pending
+                      "relay-token": "docs-sql-relay-token-0123", "relay-timeout": "0",
+                      "relay-retry-min": "1h"})
+    try:
+        client = app.test_client()
+        for address, endpoint, failure in SQL_REPORTS:
+            response = client.post("/report", json=make_report(endpoint=endpoint,
+                                                               failure=failure),
+                                   headers={"X-Forwarded-For": address})
+            assert response.status_code == 201, response.json
+    finally:
+        app.extensions["tunnel_telemetry"].close()
+    results = _run_sql(db_url, backend, sql_examples(backend))
+    assert len(results) == len(sql_examples("sqlite")) == len(sql_examples("postgres"))
+    day, by_country, by_proto, failing, backlog, outcomes = results
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert day == [(today, "5")]
+    assert by_country == [("AU", "3"), ("NO", "2")]
+    assert by_proto == [("https", "1", "1"), ("ss", "3", "2"), ("vless", "1", "0")]
+    assert failing[0] == ("AS13335", "tcp.connect", "ECONNREFUSED", "1") and len(failing) == 3
+    assert backlog == [(next(iter(app.extensions["tunnel_telemetry"].relay.destinations())),
+                        "5")]
+    assert [row[1:] for row in outcomes] == [("pending", "5")]
+    if backend == "postgres":
+        assert results == _same_reports_in_sqlite(db_url, f"sqlite:///{tmp_path}/same.db")
+
+
+def _same_reports_in_sqlite(pg_url: str, sqlite_url: str) -> list[list[tuple]]:
+    """The SQLite examples' answers on a SQLite store holding PostgreSQL's rows."""
+    open_store(sqlite_url).close()  # the app's schema
+    with psycopg.connect(pg_url) as pg:
+        reports = pg.execute("SELECT uuid, received, body::text FROM reports").fetchall()
+        relays = pg.execute("SELECT uuid, destination, state, created, next_attempt "
+                            "FROM relays").fetchall()
+    with sqlite3.connect(sqlite_url[len("sqlite:///"):]) as conn:
+        conn.executemany("INSERT INTO reports VALUES (?, ?, ?)",
+                         [(u, r, json.dumps(json.loads(b))) for u, r, b in reports])
+        conn.executemany("INSERT INTO relays (uuid, destination, state, created, next_attempt)"
+                         " VALUES (?, ?, ?, ?, ?)", relays)
+    return _run_sql(sqlite_url, "sqlite", sql_examples("sqlite"))
