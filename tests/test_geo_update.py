@@ -459,6 +459,32 @@ def test_ooni_relay_without_geo_stops_at_start_up(tmp_path):
     assert "--ooni-relay-without-geo" in lines[-1]
 
 
+@pytest.mark.parametrize("dbs, accept, error", [
+    ((), False, "ooni-relay: no country and no ASN database"),
+    (("country",), False, "ooni-relay: no ASN database"),
+    (("asn",), False, "ooni-relay: no country database"),
+    (("country", "asn"), False, None),
+    ((), True, None),
+    (("country",), True, None),
+])
+def test_ooni_relay_needs_both_databases_unless_accepted(tmp_path, build, dbs, accept, error):
+    from tunnel_telemetry.web import create_app
+
+    options = {"database-url": f"sqlite:///{tmp_path}/r.db", "ooni-relay": True,
+               "ooni-relay-without-geo": accept}
+    if "country" in dbs:
+        options["geoip-country-db"] = build.country("AU")
+    if "asn" in dbs:
+        options["geoip-asn-db"] = build.asn(13335)
+    if error:
+        with pytest.raises(ConfigError) as caught:
+            create_app(options)
+        assert str(caught.value).startswith(error) and "`tt-server geo update`" in str(
+            caught.value)
+        return
+    create_app(options).extensions["tunnel_telemetry"].close()
+
+
 @pytest.mark.e2e
 def test_update_and_reload_while_serving_drops_no_request(tmp_path, tt_server, served, build):
     """geo update into geo-dir, the collector (--ooni-relay, no geoip-* options) reads it;
