@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from tunnel_telemetry.config import (
@@ -143,6 +145,19 @@ def test_every_option_has_help():
 def test_bad_relay_options(options, message):
     with pytest.raises(ConfigError, match=message):
         load_config(flags=options, env={}, path="")
+
+
+@pytest.mark.parametrize("name", ["database-url", "ooni-api", "geo-provider",
+                                  "autotls-cache-dir", "acme-directory", "rate-limit-storage"])
+def test_option_with_default_must_not_be_empty(name):
+    with pytest.raises(ConfigError, match=f"^{name}: must not be empty$"):
+        load_config(flags={name: ""}, env={}, path="")
+
+
+def test_config_fields_are_the_option_table():
+    config = load_config(env={}, path="")
+    assert [f.name for f in dataclasses.fields(config)] == [opt.attr for opt in OPTIONS]
+    assert config.replace(debug=True).debug is True
 
 
 def test_relay_option_defaults():

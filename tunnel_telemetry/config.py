@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
 from urllib.parse import urlsplit
 
 import yaml
@@ -289,16 +289,110 @@ OPTION_BY_NAME = {opt.name: opt for opt in OPTIONS}
 OPTION_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
 
 
-def _make_config_class() -> type:
-    fields = [(opt.attr, Any, dataclasses.field(default=opt.default)) for opt in OPTIONS]
-    return dataclasses.make_dataclass("Config", fields, frozen=True, namespace={
-        "from_mapping": classmethod(lambda cls, mapping: load_config(flags=mapping, env={})),
-        "replace": lambda self, **changes: dataclasses.replace(self, **changes),
-        "__doc__": "Validated server configuration; attributes are option names in snake_case.",
-    })
+# The attribute types each option type may declare (Config's annotations, checked at import).
+_DECLARED = {"bool": ("bool",), "int": ("int", "int | None"), "duration": ("float",),
+             "list": ("tuple[str, ...]",), "str": ("str", "str | None")}
+C = TypeVar("C")
 
 
-Config = _make_config_class()
+@dataclass_transform(frozen_default=True)
+def _option_fields(cls: type[C]) -> type[C]:
+    """A frozen dataclass whose fields are the option table's, in order, with its defaults."""
+    declared = dict(cls.__annotations__)
+    if list(declared) != [opt.attr for opt in OPTIONS]:
+        raise TypeError("Config: its fields must be OPTIONS' attributes, in order")
+    for opt in OPTIONS:
+        if declared[opt.attr] not in _DECLARED[opt.type]:
+            raise TypeError(f"Config.{opt.attr}: a {opt.type} option, not {declared[opt.attr]}")
+        setattr(cls, opt.attr, opt.default)
+    return dataclass(frozen=True)(cls)
+
+
+@_option_fields
+class Config:
+    """Validated server configuration; attributes are option names in snake_case."""
+
+    listen: str  # load_config sets it (:8080, :443 or :$PORT)
+    collector_id: str | None
+    allow_public_endpoint: bool
+    scrub_allow_config_keys: tuple[str, ...]
+    geoip_country_db: str | None
+    geoip_asn_db: str | None
+    geo_dir: str | None
+    geo_provider: str
+    geo_download_url: str | None
+    geo_update_interval: float
+    geo_stale_after: float
+    ooni_relay_without_geo: bool
+    maxmind_account_id: str | None
+    maxmind_license_key: str | None
+    ipinfo_token: str | None
+    proxy_hops: int
+    proxy_header: str
+    database_url: str
+    ooni_relay: bool
+    ooni_api: str
+    relay_url: tuple[str, ...]
+    relay_token: str | None
+    relay_tokens: tuple[str, ...]
+    report_id_key: str | None
+    relay_timeout: float
+    relay_attempt_timeout: float
+    relay_max_age: float
+    relay_retry_min: float
+    relay_retry_max: float
+    relay_confirm_delay: float
+    relay_interval: float
+    relay_batch: int
+    relay_concurrency: int
+    autotls: bool
+    hostname: str | None
+    autotls_cache_dir: str
+    acme_directory: str
+    acme_ca_bundle: str | None
+    acme_email: str | None
+    acme_http_port: int
+    renew_before_days: int
+    autotls_check_interval: float
+    certfile: str | None
+    keyfile: str | None
+    max_report_age: float
+    max_clock_skew: float
+    max_report_size: int
+    rate_limit: int
+    rate_limit_burst: int
+    rate_limit_storage: str
+    rate_limit_key: str | None
+    max_in_flight: int
+    max_in_flight_per_client: int
+    header_timeout: float
+    request_timeout: float
+    min_upload_rate: int
+    max_connections_per_client: int
+    max_connections_per_network: int
+    workers: int | None
+    worker_connections: int
+    access_log: bool
+    debug: bool
+    aggregate_k: int
+    relay_aggregates_url: str | None
+    dashboard_token: str | None
+    metrics_listen: str | None
+    retention: float
+    purge_interval: float
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Config:
+        """Load from option names (dashes or underscores) only: no environment, no file."""
+        return load_config(flags=mapping, env={})
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some options changed (not re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Options that must not be empty: a string with a default (an empty value would unset it).
+REQUIRED = tuple(opt for opt in OPTIONS if opt.type == "str" and opt.default is not None)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -339,7 +433,7 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     path: str | None = None,
-) -> Any:
+) -> Config:
     """Build a validated Config from flags > environment > YAML file > defaults.
 
     ``flags`` maps option names (dashes or underscores) to values given explicitly. ``env``
@@ -373,8 +467,11 @@ def load_config(
     return _check(config, env)
 
 
-def _check(config: Any, env: Mapping[str, str]) -> Any:
+def _check(config: Config, env: Mapping[str, str]) -> Config:
     """Cross-option checks and derived defaults."""
+    for opt in REQUIRED:
+        if getattr(config, opt.attr) is None:
+            raise ConfigError(f"{opt.name}: must not be empty")
     if config.proxy_hops < 0 or config.proxy_hops > 16:
         raise ConfigError("proxy-hops: must be between 0 and 16")
     if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", config.proxy_header or ""):
@@ -410,25 +507,25 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
         if secret_key(spelled) or secret_key(key):  # as given: serverIp is server + Ip
             raise ConfigError(f"scrub-allow-config-keys: {key!r} names a secret, an address "
                               "or an identifier: it is never kept")
-    if config.autotls and not config.hostname:
-        raise ConfigError("autotls: --hostname is required with --autotls")
     if config.autotls:  # HOSTNAME is often set by the environment (containers): only check it here
+        if not config.hostname:
+            raise ConfigError("autotls: --hostname is required with --autotls")
         try:
-            config = dataclasses.replace(config, hostname=check_hostname(config.hostname))
+            hostname = check_hostname(config.hostname)
         except ValueError as exc:
             raise ConfigError(f"hostname: {exc}") from None
-        if "." not in config.hostname and config.acme_directory in (LETS_ENCRYPT,
-                                                                    LETS_ENCRYPT_STAGING):
-            raise ConfigError(f"hostname: {config.hostname!r} is not a fully qualified domain "
+        config = dataclasses.replace(config, hostname=hostname)
+        if "." not in hostname and config.acme_directory in (LETS_ENCRYPT, LETS_ENCRYPT_STAGING):
+            raise ConfigError(f"hostname: {hostname!r} is not a fully qualified domain "
                               "name (containers set HOSTNAME to their id: pass --hostname)")
     if bool(config.certfile) != bool(config.keyfile):
         raise ConfigError("certfile: --certfile and --keyfile go together")
     if config.autotls and config.certfile:
         raise ConfigError("certfile: use either --autotls or --certfile/--keyfile, not both")
-    for opt in ("certfile", "keyfile") + (("acme-ca-bundle",) if config.autotls else ()):
-        path = getattr(config, OPTION_BY_NAME[opt].attr)
+    for name in ("certfile", "keyfile") + (("acme-ca-bundle",) if config.autotls else ()):
+        path = getattr(config, OPTION_BY_NAME[name].attr)
         if path and not os.path.isfile(path):
-            raise ConfigError(f"{opt}: no such file: {path}")
+            raise ConfigError(f"{name}: no such file: {path}")
     if config.autotls:
         if not re.match(r"^https?://[^\s/]+", config.acme_directory or ""):
             raise ConfigError(f"acme-directory: not an http(s) URL: {config.acme_directory!r}")
@@ -438,8 +535,6 @@ def _check(config: Any, env: Mapping[str, str]) -> Any:
             raise ConfigError("renew-before-days: must be between 1 and 3650")
         if config.autotls_check_interval < 1:
             raise ConfigError("autotls-check-interval: must be at least 1s")
-        if not config.autotls_cache_dir:
-            raise ConfigError("autotls-cache-dir: must not be empty")
     if config.relay_aggregates_url and not (config.relay_token and config.collector_id):
         raise ConfigError("relay-aggregates-url: needs relay-token (the secondary's "
                           "relay-tokens) and collector-id (it keeps each collector apart)")
@@ -524,7 +619,7 @@ RATE_LIMIT_SCHEMES = ("memory", "redis", "rediss", "redis+unix", "redis+sentinel
                       "redis+cluster", "memcached")
 
 
-def check_rate_limit_storage(url: Any) -> None:
+def check_rate_limit_storage(url: str | None) -> None:
     """A storage URL the rate limiter can use; the message never shows the URL (a password)."""
     expected = "expected memory://, redis://HOST:PORT or memcached://HOST:PORT"
     try:
@@ -564,7 +659,7 @@ def split_listen(listen: str, option: str = "listen") -> tuple[str, int]:
     return host, port
 
 
-def describe(config: Any) -> dict[str, Any]:
+def describe(config: Config) -> dict[str, Any]:
     """The configuration with secrets masked, for debug logs."""
     out = {}
     for opt in OPTIONS:

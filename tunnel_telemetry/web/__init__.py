@@ -5,9 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from flask import Flask, Request
+    from werkzeug.local import LocalProxy
+
+    from ..config import Config
+    from ..housekeeping import Housekeeping
+    from ..pipeline.geo import Geo
+    from ..relay import NullRelay, Relay
+    from ..relay.aggregates import AggregateRelay
+    from ..store import Store
+    from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +30,16 @@ ROUTE_KEY = "tunnel_telemetry.route"  # WSGI environ: the rule of the route that
 class Services:
     """Everything built once per process at start-up and shared by requests."""
 
-    config: Any
-    geo: Any
-    store: Any
-    relay: Any
+    config: Config
+    geo: Geo
+    store: Store
+    relay: Relay | NullRelay
+    limits: Limits
+    housekeeping: Housekeeping  # the leader's work: metrics, retention purge (housekeeping.py)
+    report_id_key: bytes  # derives the uuid of a report that has none (pipeline/outline)
     commit: str | None = None
     started_pid: int | None = None
-    limits: Any = None
-    report_id_key: bytes = b""  # derives the uuid of a report that has none (pipeline/outline)
-    housekeeping: Any = None  # the leader's work: metrics, retention purge (housekeeping.py)
-    aggregate_relay: Any = None  # relay-aggregates-url's sender (relay/aggregates.py)
+    aggregate_relay: AggregateRelay | None = None  # relay-aggregates-url's sender
 
     def start(self) -> None:
         """Start background work in this process (after gunicorn's fork); idempotent."""
@@ -68,7 +80,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def geo_paths(config: Any) -> tuple[str | None, str | None]:
+def geo_paths(config: Config) -> tuple[str | None, str | None]:
     """The geo databases to open: geoip-country-db / geoip-asn-db, else what `tt-server geo
     update` installed in geo-dir."""
     from ..geo_update import geo_dir, installed
@@ -81,7 +93,7 @@ def geo_paths(config: Any) -> tuple[str | None, str | None]:
     return country, asn
 
 
-def check_relay_geo(config: Any, geo: Any) -> None:
+def check_relay_geo(config: Config, geo: Geo) -> None:
     """OONI discards reports located AS0 / ZZ: with ooni-relay, no country or no ASN database
     is a configuration error unless ooni-relay-without-geo accepts it."""
     if not config.ooni_relay or config.ooni_relay_without_geo:
@@ -99,9 +111,10 @@ def check_relay_geo(config: Any, geo: Any) -> None:
             "with --ooni-relay-without-geo")
 
 
-def create_app(config: Any = None) -> Any:
+def create_app(config: Config | Mapping[str, Any] | None = None) -> Flask:
     """Build the Flask app. ``config``: a Config, a mapping of option names, or None (env/file)."""
     from flask import Flask, request
+    from flask.json.provider import DefaultJSONProvider
 
     from .. import metrics
     from ..config import Config, load_config
@@ -142,8 +155,14 @@ def create_app(config: Any = None) -> Any:
     relay = build_relay(config, store)
     metrics.set_destinations(relay.destinations())
 
+    class CollectorJSON(DefaultJSONProvider):
+        sort_keys = False
+        ensure_ascii = False
+
     class CollectorApp(Flask):
-        def ensure_sync(self, func: Any) -> Any:
+        json_provider_class = CollectorJSON
+
+        def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
             """No view or hook here is async: skip Flask's coroutine check of each one on
             every request."""
             return func
@@ -151,13 +170,11 @@ def create_app(config: Any = None) -> Any:
     app = CollectorApp(__name__)
     # One byte of slack: the view reads limit + 1 bytes to tell "exactly the limit" from "over".
     app.config["MAX_CONTENT_LENGTH"] = config.max_report_size + 1
-    app.json.sort_keys = False
-    app.json.ensure_ascii = False
     app.extensions["tunnel_telemetry"] = Services(
-        config, geo, store, relay, git_commit(), limits=limits,
-        report_id_key=(config.report_id_key or "").encode() or os.urandom(32),
+        config, geo, store, relay, limits=limits,
         housekeeping=Housekeeping(config, store, geo, run_dir),
-        aggregate_relay=build_aggregate_relay(config, store))
+        report_id_key=(config.report_id_key or "").encode() or os.urandom(32),
+        commit=git_commit(), aggregate_relay=build_aggregate_relay(config, store))
     app.register_blueprint(bp)
     app.register_blueprint(aggregates_bp)
 
@@ -165,7 +182,7 @@ def create_app(config: Any = None) -> Any:
     def _name_route() -> None:
         # Logs name the route, never the path a client typed (server.ScrubbingLogger); first,
         # so that requests the limits refuse are named too.
-        req = request._get_current_object()
+        req = cast("LocalProxy[Request]", request)._get_current_object()
         req.environ[ROUTE_KEY] = req.url_rule.rule if req.url_rule is not None else None
 
     metrics.init_app(app)  # before the limits: a refused request is timed too
@@ -176,5 +193,7 @@ def create_app(config: Any = None) -> Any:
         app.extensions["tunnel_telemetry"].start()
 
     register_errors(app)
-    app.wsgi_app = ProxyHeaders(app.wsgi_app, config.proxy_hops, config.proxy_header)
+    # Flask's documented way to wrap the WSGI app (its type says method: hence the ignore).
+    app.wsgi_app = ProxyHeaders(  # type: ignore[method-assign]
+        app.wsgi_app, config.proxy_hops, config.proxy_header)
     return app

@@ -24,15 +24,21 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from limits import RateLimitItemPerSecond
 from limits.errors import ConfigurationError, StorageError
-from limits.storage import storage_from_string
+from limits.storage import Storage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..errors import Busy
+
+if TYPE_CHECKING:
+    from flask import Flask, Request
+    from werkzeug.local import LocalProxy
+
+    from .proxy import Address
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,7 @@ class Slots:
         return self._counts[key]
 
 
-def open_storage(url: str) -> Any:
+def open_storage(url: str) -> Storage:
     """The ``limits`` storage for ``url`` (connections are made on first use)."""
     scheme = url.split(":", 1)[0]
     options: dict[str, Any] = {}
@@ -76,10 +82,13 @@ def open_storage(url: str) -> Any:
     elif scheme == "memcached":
         options = {"connect_timeout": STORAGE_TIMEOUT, "timeout": STORAGE_TIMEOUT}
     try:
-        return storage_from_string(url, wrap_exceptions=True, **options)
+        storage = storage_from_string(url, wrap_exceptions=True, **options)
     except (ConfigurationError, ValueError, TypeError) as exc:  # never the URL: a password
         raise ConfigError(f"rate-limit-storage: {type(exc).__name__}: cannot use this "
                           f"{scheme}:// URL") from None
+    if not isinstance(storage, Storage):  # an async+ storage: the limiter here is synchronous
+        raise ConfigError(f"rate-limit-storage: cannot use an asynchronous {scheme}:// storage")
+    return storage
 
 
 @dataclass
@@ -94,10 +103,12 @@ class Ticket:
 class Limits:
     """The abuse controls of one collector; each part is None when its option is 0."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Config) -> None:
         key = config.rate_limit_key
         self._key = key.encode() if key else secrets.token_bytes(32)
-        self.storage = self.limiter = self.item = None
+        self.storage: Storage | None = None
+        self.limiter: SlidingWindowCounterRateLimiter | None = None
+        self.item: RateLimitItemPerSecond | None = None
         if config.rate_limit:
             # At most `burst` requests in a window of burst/rate minutes: `rate` a minute in
             # the long run, `burst` at once.
@@ -111,11 +122,13 @@ class Limits:
         self._warned = -WARN_EVERY
         self._down_until = 0.0
 
-    def client_key(self, ip: Any) -> str:
+    def client_key(self, ip: Address | str | None) -> str:
         """A keyed hash of the client address (an ``ipaddress`` object or text; IPv6: its /64),
         as 16 hex digits."""
-        address = ip
-        if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        address: Address | None
+        if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            address = ip
+        else:
             try:
                 address = ipaddress.ip_address(ip or "")
             except ValueError:
@@ -145,18 +158,20 @@ class Limits:
 
     def _rate_wait(self, client: str) -> float:
         """0 when ``client`` may send one more request now (counted), else seconds to wait."""
-        if self._down_until and time.monotonic() < self._down_until:
+        limiter, item = self.limiter, self.item
+        if limiter is None or item is None or (
+                self._down_until and time.monotonic() < self._down_until):
             return 0.0
         try:
-            if self.limiter.hit(self.item, "report", client):
+            if limiter.hit(item, "report", client):
                 return 0.0
-            reset = self.limiter.get_window_stats(self.item, "report", client).reset_time
+            reset = limiter.get_window_stats(item, "report", client).reset_time
         except (StorageError, OSError):  # OSError: pymemcache's are not all wrapped
             self._storage_failed()
             return 0.0
         return max(1.0, reset - time.time())
 
-    def admit(self, ip: Any, per_client: bool = True) -> Ticket:
+    def admit(self, ip: Address | str | None, per_client: bool = True) -> Ticket:
         """Let a request in, or raise Busy (429 for this client, 503 for everyone).
 
         ``per_client=False`` applies the global cap only (authenticated collector traffic).
@@ -194,14 +209,14 @@ class Limits:
             ticket.global_slot = False
 
 
-def build_limits(config: Any) -> Limits:
+def build_limits(config: Config) -> Limits:
     """The abuse controls for this configuration (a bad storage URL: ConfigError)."""
     limits = Limits(config)
     limits.check_storage()
     return limits
 
 
-def init_app(app: Any, limits: Limits) -> None:
+def init_app(app: Flask, limits: Limits) -> None:
     """Admit every POST through ``limits`` before its body is read; release it afterwards.
 
     The per-client limits apply to POST /report, the public endpoint; POST /relay carries a
@@ -214,7 +229,7 @@ def init_app(app: Any, limits: Limits) -> None:
 
     @app.before_request
     def _admit() -> None:
-        req = request._get_current_object()
+        req = cast("LocalProxy[Request]", request)._get_current_object()
         if req.method == "POST":
             environ = req.environ
             environ[TICKET_KEY] = limits.admit(environ.get(ENVIRON_KEY),

@@ -12,8 +12,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ def forwarded_for(values: Iterable[str]) -> list[str]:
 class ProxyHeaders:
     """WSGI middleware that resolves the client address from a trusted proxy header."""
 
-    def __init__(self, app: Callable, hops: int = 0, header: str = "X-Forwarded-For") -> None:
+    def __init__(self, app: WSGIApplication, hops: int = 0,
+                 header: str = "X-Forwarded-For") -> None:
         self.app = app
         self.hops = hops
         self.header = header
@@ -69,7 +73,7 @@ class ProxyHeaders:
             header.lower(), "single")
         self.warned = False
 
-    def client_ip(self, environ: dict[str, Any]) -> Address | None:
+    def client_ip(self, environ: WSGIEnvironment) -> Address | None:
         """The client address for this request, or None when it cannot be trusted."""
         if self.hops == 0:
             if not self.warned and self.environ_name in environ:
@@ -91,6 +95,7 @@ class ProxyHeaders:
             return None
         return parse_ip(entries[-self.hops])
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+    def __call__(self, environ: WSGIEnvironment,
+                 start_response: StartResponse) -> Iterable[bytes]:
         environ[ENVIRON_KEY] = self.client_ip(environ)
         return self.app(environ, start_response)

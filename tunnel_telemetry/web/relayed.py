@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid as uuidlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ReportError
 from ..pipeline.scrub import scrub
@@ -14,6 +14,9 @@ from ..protocol.schema import schema_errors
 from ..relay import NullRelay, Relay
 from ..relay.ooni import explorer_link
 from ..store import Reports
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def check_relayed(item: Any) -> list[dict[str, str]]:
 
 
 def receive_batch(payload: Any, store: Reports,  # noqa: ANN401 - any JSON value
-                  relay: Relay | NullRelay, config: Any) -> dict[str, Any]:  # noqa: ANN401
+                  relay: Relay | NullRelay, config: Config) -> dict[str, Any]:
     """Store a batch relayed by a primary collector; the answer of ``POST /relay``.
 
     The primary's geolocation and collector id are kept (the sender is never geolocated);

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -23,6 +24,12 @@ from .limits import body_read
 from .proxy import ENVIRON_KEY
 from .relayed import MAX_BATCH, check_token, receive_batch
 
+if TYPE_CHECKING:
+    from flask import Request
+    from werkzeug.local import LocalProxy
+
+    from . import Services
+
 log = logging.getLogger(__name__)
 
 bp = Blueprint("collector", __name__)
@@ -33,7 +40,7 @@ DECOY = """<!doctype html>
 """
 
 
-def services() -> Any:
+def services() -> Services:
     """The per-process services built by create_app."""
     return current_app.extensions["tunnel_telemetry"]
 
@@ -48,7 +55,8 @@ _IDENTITY = frozenset(("identity", ""))
 
 def read_json_body(limit: int) -> Any:
     """The request's JSON body, or a ReportError (415, 413, 400)."""
-    req = request._get_current_object()  # one context lookup, not one per attribute
+    # One context lookup, not one per attribute.
+    req = cast("LocalProxy[Request]", request)._get_current_object()
     environ = req.environ
     if environ.get("CONTENT_TYPE") not in _PLAIN_JSON:
         if req.mimetype != "application/json":
@@ -167,7 +175,7 @@ def healthz() -> tuple[Response, int]:
     return jsonify(body), 200 if store_ok else 503
 
 
-def public_labels(destinations: list[str]) -> Any:
+def public_labels(destinations: list[str]) -> Callable[[str], str]:
     """Name relay destinations for a public page: secondary collectors by position, no URL."""
     names = {d: f"collector-{i}" for i, d in
              enumerate((d for d in destinations if d != "ooni"), start=1)}
