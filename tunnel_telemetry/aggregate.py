@@ -18,10 +18,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ReportError
 from .protocol.fields import format_time, parse_time
+
+if TYPE_CHECKING:
+    from .store import Reports
 
 FORMAT = "tunnel-telemetry-aggregates/1"
 PERIODS = {"hour": 3600, "day": 86400}
@@ -173,7 +176,7 @@ def parse_query(args: Mapping[str, Any], now: float) -> Query:
     return Query(start, end, period)
 
 
-def cells_of(store: Any, start: int, end: int, width: int) -> dict[int, dict[Key, list[float]]]:
+def cells_of(store: Reports, start: int, end: int, width: int) -> dict[int, dict[Key, list[float]]]:
     """Exact counts per period and cell (not yet folded), from ``store.aggregate``."""
     by_period: dict[int, dict[Key, list[float]]] = {s: {} for s in range(start, end, width)}
     for row in store.aggregate(start, end, width):
@@ -193,7 +196,7 @@ class PeriodCache:
         self.seconds, self.size = seconds, size
         self._periods: dict[tuple[int, int], tuple[float, dict[Key, list[float]]]] = {}
 
-    def cells(self, store: Any, query: Query) -> dict[int, dict[Key, list[float]]]:
+    def cells(self, store: Reports, query: Query) -> dict[int, dict[Key, list[float]]]:
         now, width = time.monotonic(), query.width
         starts = range(query.start, query.end, width)
         missing = [s for s in starts
@@ -208,7 +211,7 @@ class PeriodCache:
                 else cells_of(store, s, s + width, width)[s] for s in starts}
 
 
-def build(store: Any, query: Query, k: int = DEFAULT_K,
+def build(store: Reports, query: Query, k: int = DEFAULT_K,
           cache: PeriodCache | None = None) -> dict[str, Any]:
     """The aggregate document of ``query`` from ``store`` (docs/aggregates.md)."""
     width = query.width
@@ -331,7 +334,8 @@ def check_document(payload: Any, k: int, now: float) -> tuple[str, str, list[tup
     periods = payload.get("periods")
     if not (isinstance(periods, list) and 0 < len(periods) <= MAX_PERIODS):
         errors.append({"path": "$.periods", "message": f"must list 1 to {MAX_PERIODS} periods"})
-    if errors:
+    if errors or not (isinstance(source, str) and isinstance(period, str)
+                      and isinstance(periods, list)):  # (the types: errors says so)
         raise bad(errors)
     width = PERIODS[period]
     closed = int((now - CLOSE_GRACE) // width) * width

@@ -14,12 +14,16 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .. import httpclient
 from ..aggregate import PERIODS, Query, build, parse_query
 from .http import HTTP_ERRORS, RelayHTTP, classify_exception, classify_response, json_body
 from .outcome import Outcome
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..store import Reports
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,9 @@ LOOKBACK = 7  # closed days (re)sent after a start
 class AggregateRelay:
     """Sends closed days to ``relay-aggregates-url`` from one thread per process."""
 
-    def __init__(self, config: Any, store: Any) -> None:
+    def __init__(self, config: Config, store: Reports) -> None:
+        if not config.relay_aggregates_url:
+            raise ValueError("relay-aggregates-url is not set")
         self.config = config
         self.store = store
         self.http = RelayHTTP(config.relay_aggregates_url, 1,
@@ -48,7 +54,7 @@ class AggregateRelay:
         day = PERIODS["day"]
         end = parse_query({"period": "day"}, now).end
         start = max(end - LOOKBACK * day, self.sent_until or 0)
-        retention = getattr(self.config, "retention", 0)
+        retention = self.config.retention
         if retention:
             start = max(start, -int(-(now - retention) // day) * day)
         return Query(start, end, "day") if start < end else None
@@ -107,6 +113,6 @@ class AggregateRelay:
         self.http.close()
 
 
-def build_aggregate_relay(config: Any, store: Any) -> AggregateRelay | None:
+def build_aggregate_relay(config: Config, store: Reports) -> AggregateRelay | None:
     """The sender when ``relay-aggregates-url`` is set, else None."""
     return AggregateRelay(config, store) if config.relay_aggregates_url else None

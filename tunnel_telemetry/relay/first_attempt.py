@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ReportError
 from .outcome import Outcome
-from .state import Process
+from .state import Process, RelayParts
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ SYNC_START_WINDOW = 5.0  # an attempt for a fresh report must start this soon
 INFLIGHT_PER_THREAD = 4
 
 
-class FirstAttempt:
+class FirstAttempt(RelayParts):
     """The first attempt's part of ``Relay`` (uses its config, queue, _dests, _state, _record)."""
 
     def _attempt_now(self, report: dict[str, Any]) -> dict[str, Outcome]:

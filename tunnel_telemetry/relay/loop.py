@@ -11,17 +11,17 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
+from ..store.base import Claim
 from .outcome import DELIVERED, EXPIRED, Outcome, is_destination_failure
 from .senders import Sender, is_batched, sender_concurrency
-from .state import Process, lease_margin
+from .state import Process, RelayParts, lease_margin
 
 log = logging.getLogger(__name__)
 
 
 
-class RetryLoop:
+class RetryLoop(RelayParts):
     """The retry loop's part of ``Relay`` (uses its config, queue, _dests, _state, _record)."""
 
     def run_once(self, *, now_all: bool = False) -> dict[str, Counter]:
@@ -76,8 +76,9 @@ class RetryLoop:
             # The last moment an attempt may start and still be recorded inside the lease.
             last_start = (started + lease - self.config.relay_attempt_timeout
                           - lease_margin(self.config.relay_attempt_timeout) / 3)
-            todo = []
+            todo: list[Claim] = []
             for claim in claims:
+                outcome: Outcome | None
                 if started - claim.created > self.config.relay_max_age:
                     outcome = Outcome(EXPIRED, "max-age")
                 else:
@@ -113,7 +114,7 @@ class RetryLoop:
         return (rounds * self.config.relay_attempt_timeout
                 + lease_margin(self.config.relay_attempt_timeout))
 
-    def _send_batch(self, ps: Process, dest: str, claims: list[Any],
+    def _send_batch(self, ps: Process, dest: str, claims: list[Claim],
                     stop: Callable[[], bool], counts: Counter) -> tuple[set[str], bool]:
         """Send ``claims`` in one ``send`` call, then record the outcomes (oldest first).
 
@@ -132,7 +133,7 @@ class RetryLoop:
                 _tally(counts, outcome)
         return set(outcomes), any(is_destination_failure(o) for o in outcomes.values())
 
-    def _send_each(self, ps: Process, dest: str, claims: list[Any], stop: Callable[[], bool],
+    def _send_each(self, ps: Process, dest: str, claims: list[Claim], stop: Callable[[], bool],
                    concurrency: int, counts: Counter,
                    warm: bool) -> tuple[set[str], bool, bool]:
         """Send ``claims`` one report per ``send`` call, ``concurrency`` at a time, oldest
@@ -173,7 +174,7 @@ class RetryLoop:
                 warm |= not failed
         return attempted, blocked, warm
 
-    def _attempt_claim(self, ps: Process, dest: str, claim: Any,
+    def _attempt_claim(self, ps: Process, dest: str, claim: Claim,
                        stop: Callable[[], bool]) -> tuple[str, Outcome | None]:
         """One report of a claimed batch (in a loop pool thread): send it, record the outcome.
 

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import httpclient, metrics
 from ..store.base import Enqueue, RelayQueue
@@ -39,6 +39,9 @@ from .ooni import explorer_link
 from .outcome import DELIVERED, EXPIRED, FAILED, PENDING, SKIPPED, Outcome, is_destination_failure
 from .senders import COLLECTOR, OONI, Sender, make_sender, pool_threads
 from .state import Holds, Process, lease_margin
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class NullRelay:
 class Relay(FirstAttempt, RetryLoop):
     """Relay to the configured destinations: first attempt in the request, durable retries."""
 
-    def __init__(self, config: Any, store: RelayQueue,
+    def __init__(self, config: Config, store: RelayQueue,
                  sender_factory: Callable[[str], Sender] | None = None) -> None:
         self.config = config
         self.store = store
@@ -271,7 +274,7 @@ def _rank(outcome: Outcome) -> int:
     return {FAILED: 3, EXPIRED: 3, PENDING: 2, SKIPPED: 1}.get(outcome.state, 0)
 
 
-def build_relay(config: Any, store: Any) -> Relay | NullRelay:
+def build_relay(config: Config, store: RelayQueue) -> Relay | NullRelay:
     """The relay for this configuration (NullRelay when no destination is configured)."""
     if not config.ooni_relay and not config.relay_url:
         return NullRelay()

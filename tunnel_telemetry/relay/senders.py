@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
 from .http import (
@@ -20,6 +20,9 @@ from .http import (
 )
 from .ooni import OONIClient, explorer_link, probe_location
 from .outcome import Outcome, is_destination_failure, one_line
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 OONI = "ooni"
 COLLECTOR = "collector:"
@@ -82,7 +85,7 @@ class OONISender:
     destination = OONI
     batched = False
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Config) -> None:
         self.concurrency = config.relay_concurrency
         self.batch_size = ROUNDS_PER_BATCH * self.concurrency
         # Keep-alive connections for the retry loop's and the first attempts' threads.
@@ -134,7 +137,7 @@ class OONISender:
 class CollectorSender:
     """Relay to another tunnel-telemetry collector's ``POST /relay``, in batches."""
 
-    def __init__(self, base_url: str, config: Any) -> None:
+    def __init__(self, base_url: str, config: Config) -> None:
         self.base_url = base_url.rstrip("/")
         self.destination = COLLECTOR + base_url
         self.batch_size = config.relay_batch
@@ -209,14 +212,14 @@ def sender_concurrency(sender: Sender) -> int:
     return 1 if is_batched(sender) else max(1, int(getattr(sender, "concurrency", 1)))
 
 
-def pool_threads(config: Any) -> int:
+def pool_threads(config: Config) -> int:
     """Pool threads (greenlets) for first attempts: relay-concurrency per destination
     (capped)."""
     dests = (1 if config.ooni_relay else 0) + len(config.relay_url)
     return max(1, min(MAX_POOL_THREADS, config.relay_concurrency * max(1, dests)))
 
 
-def make_sender(dest: str, config: Any) -> Sender:
+def make_sender(dest: str, config: Config) -> Sender:
     """The sender for a destination name (``ooni`` or ``collector:<base url>``)."""
     if dest == OONI:
         return OONISender(config)

@@ -8,10 +8,15 @@ import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .. import httpclient
+from ..store.base import RelayQueue
 from .outcome import Outcome
 from .senders import Sender
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 def lease_margin(attempt_timeout: float) -> float:
@@ -101,4 +106,21 @@ class Process:
     loop_pool: concurrent.futures.ThreadPoolExecutor | None = None
     thread: threading.Thread | None = None
     # Reports that may have arrived, by reason (timeout, accepted-without-id), and confirmed.
-    tally: collections.Counter = field(default_factory=collections.Counter)
+    tally: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class RelayParts:
+    """What ``Relay``'s parts (first_attempt, loop) use of it: ``Relay`` provides them."""
+
+    config: Config
+    store: RelayQueue
+    _dests: list[str]
+    _pool_threads: int
+    _max_inflight: int
+
+    def _state(self) -> Process:
+        raise NotImplementedError
+
+    def _record(self, ps: Process, dest: str, uuid: str, attempts: int,
+                outcome: Outcome, started: float | None = None) -> bool:
+        raise NotImplementedError

@@ -198,7 +198,7 @@ def cooperative_waits() -> bool:
         return False
     waiting.wait = waiting.wait_poll
     if hasattr(waiting, "DefaultSelector"):
-        waiting.DefaultSelector = selectors.DefaultSelector
+        waiting.DefaultSelector = selectors.DefaultSelector  # type: ignore[misc]  # a patch
     return True
 
 
@@ -308,6 +308,8 @@ class PostgresStore:
             if row is None:
                 stored = conn.execute("SELECT body FROM reports WHERE uuid = %s",
                                       (report["uuid"],)).fetchone()
+                if stored is None:  # purged since the conflict: the client retries, stored anew
+                    raise StoreUnavailable("store_error")
                 return stored[0], False
             rows = queue.rows(report["uuid"], now) if queue is not None else []
             if rows:
@@ -456,7 +458,8 @@ class PostgresStore:
     def export(self, filters: ExportFilter) -> Iterator[dict[str, Any]]:
         """The stored reports matching ``filters``, oldest first, through a server-side
         cursor (constant memory, whatever the table's size)."""
-        where, params = [sql.SQL("TRUE")], []
+        where: list[sql.Composable] = [sql.SQL("TRUE")]
+        params: list[float | str] = []
         if filters.since is not None:
             where.append(sql.SQL("received >= %s"))
             params.append(filters.since)

@@ -47,21 +47,24 @@ _FORK_LOCK = green.native_lock()
 WRITER_LOCK_SUFFIX = "-writer.lock"
 
 
-def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
+# A new report's write: uuid, received, body (JSON text), relay rows, the report.
+_NewReport = tuple[str, float, str, list[tuple], dict[str, Any]]
+
+
+def _insert_reports(conn: sqlite3.Connection, adds: list[tuple[_Write, _NewReport]]) -> None:
     """SQLiteStore.add for a batch: the same outcome per write as one ``insert`` each.
 
     Inside the batch's write transaction nobody else inserts, so the uuids already stored are
     known before inserting; a uuid twice in one batch is stored by its first write. Three
     statements whatever the batch's size: one look-up, one insert per table (executemany).
     """
-    uuids = list({item.add[0]: None for item in adds})
+    uuids = list({add[0]: None for _, add in adds})
     stored: dict[str, Any] = dict(conn.execute(
         "SELECT uuid, body FROM reports WHERE uuid IN (SELECT value FROM json_each(?))",
         (json.dumps(uuids),)).fetchall())
     rows: list[tuple] = []
     relays: list[tuple] = []
-    for item in adds:
-        uuid, received, body, relay_rows, report = item.add
+    for item, (uuid, received, body, relay_rows, report) in adds:
         if uuid in stored:
             existing = stored[uuid]
             item.result = (json.loads(existing) if isinstance(existing, str) else existing, False)
@@ -80,7 +83,7 @@ def _insert_reports(conn: sqlite3.Connection, adds: list[_Write]) -> None:
 
 def _run_writes(conn: sqlite3.Connection, writes: list[_Write]) -> None:
     """Run queued writes in the caller's transaction: new reports together, the rest each."""
-    adds = [item for item in writes if item.add is not None]
+    adds = [(item, item.add) for item in writes if item.add is not None]
     if adds:
         _insert_reports(conn, adds)
     for item in writes:
@@ -160,7 +163,7 @@ class _Write:
     """
 
     run: Callable[[sqlite3.Connection], Any] | None
-    add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None
+    add: _NewReport | None = None
     # Looked up per write: gevent's Event in a worker it patched after this module loaded.
     done: threading.Event = field(default_factory=lambda: threading.Event())
     lead: bool = False
@@ -315,7 +318,7 @@ class SQLiteStore:
         return group[1]
 
     def _grouped(self, run: Callable[[sqlite3.Connection], Any] | None,
-                 add: tuple[str, float, str, list[tuple], dict[str, Any]] | None = None) -> Any:
+                 add: _NewReport | None = None) -> Any:
         """Run ``run(conn)`` in a transaction shared with concurrent writers; its result."""
         return self._group.submit(_Write(run, add), self._commit_batch)
 
@@ -557,7 +560,8 @@ class SQLiteStore:
     def export(self, filters: ExportFilter) -> Iterator[dict[str, Any]]:
         """The stored reports matching ``filters``, oldest first, read row by row (its own
         connection: constant memory, whatever the table's size)."""
-        where, params = ["1"], []
+        where: list[str] = ["1"]
+        params: list[float | str] = []
         if filters.since is not None:
             where.append("received >= ?")
             params.append(filters.since)
