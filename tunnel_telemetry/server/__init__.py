@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
@@ -12,6 +14,19 @@ from gunicorn.glogging import Logger as GunicornLogger
 from .. import metrics
 from ..logs import REDACTED_ATTR, RedactingFilter
 from ..web import ROUTE_KEY
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config as GunicornConfig
+    from gunicorn.http.message import Request as GunicornRequest
+    from gunicorn.http.wsgi import Response as GunicornResponse
+    from gunicorn.workers.base import Worker
+
+    from ..config import Config
+    from ..web import Services
+
+Hook = Callable[["Arbiter"], None]  # a gunicorn server hook (when_ready, on_exit ...)
 
 # No %(h)s (remote address), no headers, no query string: nothing that identifies a client.
 # Gunicorn's start-up and reload lines: its listeners (and the pid).
@@ -24,7 +39,7 @@ class ScrubbingLogger(GunicornLogger):
     know only a few harmless fields: the path is the route's rule (``/report``), never what
     the client typed (``-`` for a path no route matches)."""
 
-    def setup(self, cfg: Any) -> None:
+    def setup(self, cfg: GunicornConfig) -> None:
         super().setup(cfg)
         for logger in (self.error_log, self.access_log):
             for handler in logger.handlers:
@@ -39,7 +54,8 @@ class ScrubbingLogger(GunicornLogger):
             msg, args = msg % args, ()
         super().info(msg, *args, **kwargs)
 
-    def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict[str, Any]:
+    def atoms(self, resp: GunicornResponse, req: GunicornRequest, environ: dict[str, Any],
+              request_time: datetime.timedelta) -> dict[str, Any]:
         """The atoms an access_log_format may use; anything else (%(h)s, headers, environ,
         query) is ``-``."""
         status = resp.status
@@ -56,28 +72,28 @@ class ScrubbingLogger(GunicornLogger):
                 "L": f"{request_time.seconds}.{request_time.microseconds:06d}"}
 
 
-def route_of(environ: dict) -> str:
+def route_of(environ: dict[str, Any]) -> str:
     """The rule of the route that served this request (web.ROUTE_KEY), ``-`` if none did."""
     return environ.get(ROUTE_KEY) or "-"
 
 
-def pre_request(worker: Any, req: Any) -> None:
+def pre_request(worker: Worker, req: GunicornRequest) -> None:
     """Gunicorn's default logs each request's raw path at debug level: log nothing."""
 
 
-def _services(worker: Any) -> Any:
+def _services(worker: Worker) -> Services | None:
     app = getattr(worker, "wsgi", None)
     return getattr(app, "extensions", {}).get("tunnel_telemetry")
 
 
-def post_worker_init(worker: Any) -> None:
+def post_worker_init(worker: Worker) -> None:
     """Start per-worker background work (relay retry loop) after the fork."""
     svc = _services(worker)
     if svc is not None:
         svc.start()
 
 
-def worker_exit(server: Any, worker: Any) -> None:
+def worker_exit(server: Arbiter, worker: Worker) -> None:
     """Release per-worker resources (open relay reports, connections) on shutdown."""
     svc = _services(worker)
     if svc is not None:
@@ -87,7 +103,7 @@ def worker_exit(server: Any, worker: Any) -> None:
             logging.getLogger(__name__).warning("close failed on worker exit")
 
 
-def on_reload(arbiter: Any) -> None:
+def on_reload(arbiter: Arbiter) -> None:
     """SIGHUP: reopen the geo databases in the master; the workers forked next use them.
 
     The app is preloaded in the master, so workers inherit its readers: reopening there, before
@@ -101,19 +117,19 @@ def on_reload(arbiter: Any) -> None:
         svc.reload_geo()
 
 
-def _chain(first: Any, second: Any) -> Any:
+def _chain(first: Hook | None, second: Hook) -> Hook:
     """One gunicorn server hook running two (TLS and the geo updater both use when_ready)."""
     if first is None:
         return second
 
-    def both(server: Any) -> None:
+    def both(server: Arbiter) -> None:
         first(server)
         second(server)
 
     return both
 
 
-def geo_updater_options(config: Any, options: dict[str, Any]) -> dict[str, Any]:
+def geo_updater_options(config: Config, options: dict[str, Any]) -> dict[str, Any]:
     """With geo-update-interval: start the updater in the master when it is ready."""
     if not config.geo_update_interval:
         return {}
@@ -124,7 +140,7 @@ def geo_updater_options(config: Any, options: dict[str, Any]) -> dict[str, Any]:
             "on_exit": _chain(options.get("on_exit"), lambda server: updater.stop())}
 
 
-def gunicorn_options(config: Any) -> dict[str, Any]:
+def gunicorn_options(config: Config) -> dict[str, Any]:
     """Gunicorn settings for a Config; shared by tt-server and gunicorn.conf.py."""
     options: dict[str, Any] = {
         "bind": [config.listen],
@@ -161,7 +177,7 @@ def gunicorn_options(config: Any) -> dict[str, Any]:
 class Server(BaseApplication):
     """Gunicorn running an already built app (preloaded: config errors surface before fork)."""
 
-    def __init__(self, app: Any, options: dict[str, Any]) -> None:
+    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
         self.application = app
         self.options = options
         super().__init__()
@@ -170,11 +186,11 @@ class Server(BaseApplication):
         for key, value in self.options.items():
             self.cfg.set(key, value)
 
-    def load(self) -> Any:
+    def load(self) -> Flask:
         return self.application
 
 
-def prepare_tls(config: Any) -> None:
+def prepare_tls(config: Config) -> None:
     """Before binding: get the autotls certificate (from cache or ACME) or check that
     certfile/keyfile load. Raises AutoTLSError / TLSConfigError with a one-line message.
     """
@@ -188,7 +204,7 @@ def prepare_tls(config: Any) -> None:
         check_cert_pair(config.certfile, config.keyfile)
 
 
-def serve(config: Any, app: Any | None = None, tls_prepared: bool = False) -> None:
+def serve(config: Config, app: Flask | None = None, tls_prepared: bool = False) -> None:
     """Run gunicorn until SIGTERM / SIGINT; returns after a clean shutdown."""
     if app is None:
         from ..web import create_app

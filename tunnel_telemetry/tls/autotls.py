@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import josepy as jose
 import requests
@@ -37,10 +37,17 @@ from acme import challenges, client, crypto_util, errors, messages, standalone
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .. import __version__, httpclient
 from ..config import LETS_ENCRYPT, check_hostname, split_listen
 from ..files import write_private
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config as GunicornConfig
+
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def ensure_private_dir(path: Path) -> None:
             log.warning("autotls: %s is readable by other users (keys are 0600)", path)
 
 
-def _private_key_pem(key: Any) -> bytes:
+def _private_key_pem(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -170,11 +177,11 @@ class CertCache:
             write_private(self.account_key_path, _private_key_pem(key))
             log.info("autotls: created ACME account key %s", self.account_key_path)
             return jose.JWKEC(key=key)
-        key = serialization.load_pem_private_key(pem, password=None)
-        if isinstance(key, rsa.RSAPrivateKey):
-            return jose.JWKRSA(key=key)
-        if isinstance(key, ec.EllipticCurvePrivateKey):
-            return jose.JWKEC(key=key)
+        loaded = serialization.load_pem_private_key(pem, password=None)
+        if isinstance(loaded, rsa.RSAPrivateKey):
+            return jose.JWKRSA(key=loaded)
+        if isinstance(loaded, ec.EllipticCurvePrivateKey):
+            return jose.JWKEC(key=loaded)
         raise AutoTLSError("account_key", f"{self.account_key_path}: unsupported key type")
 
     def load(self, directory: str | None = None, now: datetime.datetime | None = None
@@ -413,8 +420,10 @@ class AutoTLS:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: Any) -> AutoTLS:
+    def from_config(cls, config: Config) -> AutoTLS:
         """Build from a Config (autotls on)."""
+        if not config.hostname:  # load_config requires it with autotls
+            raise AutoTLSError("no_hostname", "autotls: --hostname is required")
         host, _port = split_listen(config.listen)
         return cls(
             config.hostname,
@@ -567,14 +576,14 @@ class Renewer:
         os.close(fd)
         try:
             try:
-                self._child = os.posix_spawn(
+                child = self._child = os.posix_spawn(
                     sys.executable, [sys.executable, "-c", _CHILD, json.dumps(params),
                                      result_path], env,
                     file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)])
             except OSError as exc:
                 return {"ok": False, "reason": "error", "serving": None,
                         "error": f"cannot start the renewal process: {exc}"}
-            if not self._wait_child(CHILD_TIMEOUT):
+            if not self._wait_child(child, CHILD_TIMEOUT):
                 self._end_child()
                 return {"ok": False, "reason": "timeout", "serving": None,
                         "error": f"no answer from the renewal process after {CHILD_TIMEOUT}s"}
@@ -591,12 +600,12 @@ class Renewer:
                     "error": "the renewal process failed (see its traceback above)"}
         return result
 
-    def _wait_child(self, timeout: float) -> bool:
+    def _wait_child(self, child: int, timeout: float) -> bool:
         """Wait for the child to exit (True), or for stop() / the timeout (False)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                pid, _status = os.waitpid(self._child, os.WNOHANG)
+                pid, _status = os.waitpid(child, os.WNOHANG)
             except ChildProcessError:
                 return True  # gunicorn's SIGCHLD handler reaped it for us
             if pid:
@@ -698,8 +707,8 @@ class ReloadingSSLContext:
         self._stamp: tuple | None = None
         self._pid = os.getpid()
 
-    def __call__(self, conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]
-                 ) -> ssl.SSLContext:
+    def __call__(self, conf: GunicornConfig,
+                 default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         try:
             stamp = _stamp(conf.certfile, conf.keyfile)
         except OSError:
@@ -724,8 +733,10 @@ class ReloadingSSLContext:
             self._context, self._stamp = context, stamp
             return context
 
-    def _follow(self, conf: Any, factory: Callable[[], ssl.SSLContext]) -> Callable:
-        def on_hello(connection: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+    def _follow(self, conf: GunicornConfig, factory: Callable[[], ssl.SSLContext]
+                ) -> Callable[[ssl.SSLObject, str, ssl.SSLContext], None]:
+        def on_hello(connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                     context: ssl.SSLContext) -> None:
             current = self(conf, factory)
             if current is not context:
                 connection.context = current
@@ -746,7 +757,7 @@ def _handshake_later(base: type) -> type:
 _renewer: Renewer | None = None
 
 
-def gunicorn_tls_options(config: Any) -> dict[str, Any]:
+def gunicorn_tls_options(config: Config) -> dict[str, Any]:
     """Gunicorn settings for HTTPS: certfile/keyfile, the reloading ssl_context hook, an
     on_starting hook that (with autotls) gets the certificate before binding and loads it
     once in the master, and (with autotls) the renewer thread in the master.
@@ -755,7 +766,7 @@ def gunicorn_tls_options(config: Any) -> dict[str, Any]:
         return {}
     tls = AutoTLS.from_config(config) if config.autotls else None
 
-    def on_starting(server: Any) -> None:
+    def on_starting(server: Arbiter) -> None:
         # tt-server already got the certificate in prepare_tls(); `gunicorn app:app` has not.
         if tls is not None and tls.current() is None:
             tls.ensure()
@@ -774,13 +785,13 @@ def gunicorn_tls_options(config: Any) -> dict[str, Any]:
     if tls is None:
         return options
 
-    def when_ready(server: Any) -> None:
+    def when_ready(server: Arbiter) -> None:
         global _renewer
         if _renewer is None:
             _renewer = Renewer(tls, config.autotls_check_interval, debug=config.debug)
             _renewer.start()
 
-    def on_exit(server: Any) -> None:
+    def on_exit(server: Arbiter) -> None:
         if _renewer is not None:
             _renewer.stop()
 
