@@ -525,10 +525,11 @@ def _describe_exception(exc: BaseException) -> str:
         if id(e) in seen:
             continue
         seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) else None
         if isinstance(e, socket.gaierror):
-            return "DNS " + _EAI_NAMES.get(e.errno, "error")
-        if isinstance(e, OSError) and e.errno in errno.errorcode:
-            return errno.errorcode[e.errno]
+            return "DNS " + (_EAI_NAMES.get(code, "error") if code is not None else "error")
+        if code is not None and code in errno.errorcode:
+            return errno.errorcode[code]
         todo.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
         for nxt in (e.__cause__, e.__context__, getattr(e, "reason", None)):
             if isinstance(nxt, BaseException):
@@ -542,7 +543,7 @@ def _describe_exception(exc: BaseException) -> str:
 
 _EAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
 
-Sleep = Callable[[float], Any]
+Sleep = Callable[[float], object]
 
 _DEFAULT = object()
 

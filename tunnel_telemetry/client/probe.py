@@ -61,7 +61,7 @@ def posix_error_name(exc: BaseException) -> str | None:
         return _EAI_NAMES.get(exc.errno)
     if isinstance(exc, TimeoutError) and exc.errno is None:
         return "ETIMEDOUT"
-    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
         return errno.errorcode[exc.errno]
     return None
 

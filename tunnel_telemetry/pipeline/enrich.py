@@ -6,19 +6,22 @@ Runs before scrubbing because it needs the addresses that scrubbing removes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..protocol.fields import Endpoint, format_time
 
+if TYPE_CHECKING:
+    from .geo import Address
+
 
 class GeoLookup(Protocol):
-    def lookup(self, ip: Any) -> tuple[str, str]: ...
+    def lookup(self, ip: str | Address | None) -> tuple[str, str]: ...
 
 
 def enrich(
     report: dict[str, Any],
     endpoint: Endpoint,
-    client_ip: str | None,
+    client_ip: str | Address | None,
     geo: GeoLookup,
     received: datetime,
     collector_id: str | None = None,

@@ -30,7 +30,7 @@ except ImportError:
 else:
     _MODE = maxminddb.MODE_MMAP_EXT
 _LOOKUP_ERRORS = (ValueError, maxminddb.InvalidDatabaseError)
-_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class GeoError(Exception):
@@ -64,7 +64,7 @@ def _private_copy(path: str) -> int | None:
         return fd
 
 
-def _open_reader(option: str, path: str) -> Any:
+def _open_reader(option: str, path: str) -> maxminddb.Reader:
     try:
         fd = _private_copy(path)
         if fd is None:
@@ -161,7 +161,7 @@ def _ranges(version: int) -> tuple[list[int], list[int]]:
 _RANGES = {4: _ranges(4), 6: _ranges(6)}
 
 
-def is_global(ip: _Address) -> bool:
+def is_global(ip: Address) -> bool:
     """Whether ``ip`` is outside every NOT_GLOBAL block (a binary search; nothing kept)."""
     starts, ends = _RANGES[ip.version]
     number = int(ip)
@@ -169,14 +169,14 @@ def is_global(ip: _Address) -> bool:
     return i < 0 or number > ends[i]
 
 
-def _address(ip: object) -> _Address | None:
+def _address(ip: object) -> Address | None:
     """A global address to look up (IPv4-mapped IPv6 as IPv4), else None."""
     if isinstance(ip, str):
         try:
             ip = ipaddress.ip_address(ip)
         except ValueError:
             return None
-    elif not isinstance(ip, _Address):
+    elif not isinstance(ip, Address):
         return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -192,13 +192,15 @@ class Geo:
         self._country, self._asn = self._open(self.country_db, self.asn_db)
 
     @staticmethod
-    def _open(country_db: str | None, asn_db: str | None) -> tuple[Any, Any]:
-        country = asn = None
+    def _open(country_db: str | None, asn_db: str | None
+              ) -> tuple[maxminddb.Reader | None, maxminddb.Reader | None]:
+        country: maxminddb.Reader | None = None
+        asn: maxminddb.Reader | None = None
         try:
             if country_db:
                 country = _open_reader("geoip-country-db", country_db)
             if asn_db:
-                if country is not None and _same_file(country_db, asn_db):
+                if country is not None and country_db and _same_file(country_db, asn_db):
                     asn = country  # one file with both (IPinfo Lite): open it once
                 else:
                     asn = _open_reader("geoip-asn-db", asn_db)
@@ -220,7 +222,7 @@ class Geo:
     def has_asn(self) -> bool:
         return self._asn is not None
 
-    def lookup(self, ip: str | _Address | None) -> tuple[str, str]:
+    def lookup(self, ip: str | Address | None) -> tuple[str, str]:
         """("AS<n>", "CC") for `ip`; ("AS0", "ZZ") when unknown or not a global address."""
         country, asn = self._country, self._asn  # one snapshot, in case reload() swaps them
         if country is None and asn is None:
@@ -229,7 +231,7 @@ class Geo:
         if addr is None:
             return UNKNOWN
         try:
-            if country is asn:
+            if country is asn and country is not None:
                 record = country.get(addr)
                 return _asn(record), _cc(record)
             return (
@@ -258,7 +260,7 @@ class Geo:
                 age = (datetime.datetime.now(datetime.UTC) - built).total_seconds() / 86400
                 age_days = round(max(0.0, age), 1)
             except (OverflowError, OSError, ValueError, TypeError):
-                build_date = age_days = None
+                build_date, age_days = None, None
             out.append(
                 {
                     "role": role,
@@ -266,7 +268,7 @@ class Geo:
                     "build_date": build_date,
                     "age_days": age_days,
                     "ip_version": meta.ip_version,
-                    "file": os.path.basename(path),
+                    "file": os.path.basename(path) if path else None,
                 }
             )
         return out

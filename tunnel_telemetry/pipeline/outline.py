@@ -16,7 +16,7 @@ import re
 import uuid as uuidlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from ..errors import ReportError
@@ -24,6 +24,9 @@ from ..protocol.fields import Endpoint, format_time, parse_endpoint
 from ..protocol.schema import schema_errors
 from .scrub import scrub_text
 from .validate import check_nul, check_time
+
+if TYPE_CHECKING:
+    from .geo import Address
 
 SCHEMA = "outline-report.schema.json"
 # The tool keeps a success with probability 0.1 and a failure with 1 unless told otherwise
@@ -162,7 +165,7 @@ def _endpoint(hops: list[Hop], resolver: str) -> Endpoint:
                           [{"path": path, "message": f"{what}: {exc}"}]) from None
 
 
-def dialled_ip(payload: dict[str, Any], host: str) -> Any:
+def dialled_ip(payload: dict[str, Any], host: str) -> Address | None:
     """The IP the client connected to for ``host``: a connection that succeeded, else the last
     one tried, else the first address the DNS answered; None when the report shows none."""
     conns = [c for c in payload.get("tcp_connections") or ()
@@ -218,12 +221,12 @@ def _same_name(name: Any, host: str) -> bool:
     return isinstance(name, str) and name.lower().rstrip(".") == host
 
 
-def _ip(text: Any) -> Any:
+def _ip(text: Any) -> Address | None:
     if not isinstance(text, str):
         return None
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
-    mapped = getattr(address, "ipv4_mapped", None)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return mapped or address

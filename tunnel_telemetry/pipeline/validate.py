@@ -11,7 +11,7 @@ import math
 import re
 import uuid as uuidlib
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from ..durations import format_duration
 from ..errors import ReportError
@@ -31,7 +31,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 

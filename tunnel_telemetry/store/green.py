@@ -37,7 +37,7 @@ def offload(fn: Callable[..., T], *args: Any) -> T:
     return gevent.get_hub().threadpool.apply(fn, args)
 
 
-def native_lock() -> Any:
+def native_lock() -> threading.Lock:
     """A lock usable from greenlets and offloaded threads alike (hold it without waiting)."""
     if active():
         from gevent import monkey  # noqa: PLC0415
@@ -46,7 +46,7 @@ def native_lock() -> Any:
     return threading.Lock()
 
 
-def native_local() -> Any:
+def native_local() -> threading.local:
     """Per-OS-thread storage: all greenlets of a worker share one value, each offload thread
     has its own (gevent's patched ``threading.local`` would give every greenlet its own)."""
     if active():
@@ -64,22 +64,26 @@ class ProcessLock:
     def __init__(self) -> None:
         self._guard = threading.Lock()  # held only without waiting
         self._pid: int | None = None
-        self._lock: Any = None
+        self._lock: threading.Lock | None = None
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
         self._guard = threading.Lock()
 
-    def _current(self) -> Any:
+    def _current(self) -> threading.Lock:
         pid = os.getpid()
-        if self._pid != pid:
+        lock = self._lock
+        if self._pid != pid or lock is None:
             with self._guard:
-                if self._pid != pid:
+                if self._pid != pid or self._lock is None:
                     self._lock, self._pid = threading.Lock(), pid
-        return self._lock
+                lock = self._lock
+        return lock
 
     def __enter__(self) -> bool:
         return self._current().acquire()
 
     def __exit__(self, *exc: object) -> None:
+        if self._lock is None:
+            raise RuntimeError("ProcessLock released before it was taken")
         self._lock.release()
