@@ -579,7 +579,10 @@ class Renewer:
                 child = self._child = os.posix_spawn(
                     sys.executable, [sys.executable, "-c", _CHILD, json.dumps(params),
                                      result_path], env,
-                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)])
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+                    # Its own process group: a stop signal to ours (Ctrl-C, kill -TERM -PGID)
+                    # is the master's to handle; stop() kills an unfinished child itself.
+                    setpgroup=0)
             except OSError as exc:
                 return {"ok": False, "reason": "error", "serving": None,
                         "error": f"cannot start the renewal process: {exc}"}
