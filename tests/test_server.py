@@ -20,7 +20,8 @@ class Resp:
 ONE_SECOND = datetime.timedelta(seconds=1, microseconds=2345)
 
 
-def access_line(capsys, route, fmt=ACCESS_LOG_FORMAT, duration=ONE_SECOND):
+def access_line(capsys, route, fmt=ACCESS_LOG_FORMAT, duration=ONE_SECOND, method="POST",
+                protocol="HTTP/1.1"):
     cfg = Config()
     cfg.set("accesslog", "-")
     cfg.set("access_log_format", fmt)
@@ -30,8 +31,8 @@ def access_line(capsys, route, fmt=ACCESS_LOG_FORMAT, duration=ONE_SECOND):
     path = "/x:2001:db8::1/16843009"
     req = type("Req", (), {"headers": [("X-FORWARDED-FOR", "81.2.69.160")], "method": "POST",
                            "path": path, "query": "ip=81.2.69.160", "version": (1, 1)})()
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "RAW_URI": path + "?ip=1.2.3.4",
-               "QUERY_STRING": "ip=1.2.3.4", "SERVER_PROTOCOL": "HTTP/1.1",
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "RAW_URI": path + "?ip=1.2.3.4",
+               "QUERY_STRING": "ip=1.2.3.4", "SERVER_PROTOCOL": protocol,
                "REMOTE_ADDR": "81.2.69.160", "HTTP_X_FORWARDED_FOR": "81.2.69.160",
                ROUTE_KEY: route}
     log.access(Resp(), req, environ, duration)
@@ -44,6 +45,19 @@ def access_line(capsys, route, fmt=ACCESS_LOG_FORMAT, duration=ONE_SECOND):
 def test_access_line_names_the_route_never_the_path(capsys, route, shown):
     assert access_line(capsys, route) == [
         f'[25/Nov/2026:01:00:00 +0000] "POST {shown} HTTP/1.1" 201 512 1002ms']
+
+
+@pytest.mark.parametrize("method, protocol, shown", [
+    ("GET", "HTTP/1.0", '"GET /report HTTP/1.0"'),
+    ("81.2.69.160", "HTTP/1.1", '"- /report HTTP/1.1"'),  # gunicorn takes any token as method
+    ("16843009", "HTTP/1.1", '"- /report HTTP/1.1"'),
+    ("POST", "HTTP/1.1 81.2.69.160", '"POST /report -"'),
+])
+def test_methods_and_protocols_are_a_closed_vocabulary(capsys, method, protocol, shown):
+    """Access lines skip the address search (VettedAccess): every word in them is the
+    server's own or from a fixed list, so a method spelling an address shows as '-'."""
+    line, = access_line(capsys, "/report", method=method, protocol=protocol)
+    assert line == f'[25/Nov/2026:01:00:00 +0000] {shown} 201 512 1002ms'
 
 
 def test_no_format_can_show_the_client(capsys):
@@ -67,16 +81,19 @@ def test_access_log_option(flags, accesslog):
 def test_client_paths_stay_out_of_access_and_debug_logs(tt_server):
     """Issue 21.3: a path spelling addresses appears nowhere in the real server's logs."""
     server = tt_server("--workers", "1", "--debug")
-    for method in ("GET", "POST"):
+    for method in ("GET", "POST", "16843009"):
         with requests.request(method, server.url + "/x:2001:db8::1/16843009?ip=16843009",
                               data=b"{}", timeout=10) as resp:
             assert resp.status_code in (404, 405)
+    with requests.request("16843009", server.url + "/report", timeout=10) as resp:
+        assert resp.status_code == 405
     with requests.post(server.url + "/report", data=b"{}", timeout=10,
                        headers={"Content-Type": "application/json"}) as resp:
         assert resp.status_code == 400
     server.stop()
     logs = server.logs()
     assert '"GET - HTTP/1.1" 404' in logs and '"POST /report HTTP/1.1" 400' in logs
+    assert '"- - HTTP/1.1" 405' in logs  # a method spelling an address, on a known path
     assert "16843009" not in logs and "2001:db8" not in logs and "/x:" not in logs
 
 
