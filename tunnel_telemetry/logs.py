@@ -32,6 +32,12 @@ class RedactingFilter(logging.Filter):
 
 def setup_logging(debug: bool = False) -> None:
     """Send application logs to stderr through the redacting filter (once per process)."""
+    # Our formats name the process, never a thread, a function or a line: skip collecting
+    # those (the logging HOWTO's "Optimization"); a gevent worker would otherwise make a
+    # thread object for every connection's greenlet that logs.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger()
     for handler in root.handlers:
         if handler.get_name() == _HANDLER_NAME:
