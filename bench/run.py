@@ -42,8 +42,9 @@ sys.path.insert(0, str(HERE))
 from prefill import prefill  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# tt-server's gunicorn worker; the echo baseline runs under the same one.
-WORKER_CLASS = "tunnel_telemetry.server.worker.CollectorWorker"
+# The echo baseline runs under gunicorn's stock gevent worker (tt-server's is a thin subclass),
+# so it is the same baseline whichever source tree --source serves.
+WORKER_CLASS = "gevent"
 SCENARIOS = ("ingest", "ingest-pg", "relay", "growth", "drain", "memory")
 NA_RELAY = "n/a (relay not available)"
 DISK_PROBE_COMMITS = 100
@@ -785,7 +786,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine(parent: str | None) -> dict[str, Any]:
+def machine(parent: str | None, source: Path) -> dict[str, Any]:
     model = ""
     try:
         with open("/proc/cpuinfo") as fh:
@@ -793,7 +794,7 @@ def machine(parent: str | None) -> dict[str, Any]:
                           if line.startswith("model name")), "")
     except OSError:
         pass
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+    commit = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip()
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     versions = {}
@@ -879,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
               "from there (no package in it?)", file=sys.stderr)
         shutil.rmtree(bench.workdir, ignore_errors=True)
         return 2
-    info = machine(args.workdir)
+    info = machine(args.workdir, args.source or ROOT)  # the commit of the code measured
     failed = []
     try:
         bench.setup()
