@@ -76,6 +76,14 @@ COVERED = {
         "tests/test_e2e.py::test_privacy_nothing_leaks",
     "tt-server --config /home/user/ttserver/config.yaml":
         "tests/test_config.py::test_seed_readme_env_and_yaml",
+    "tt-server geo update": "tests/test_geo_update.py::test_command_lines_and_exit_status",
+    "MAXMIND_ACCOUNT_ID=123456 MAXMIND_LICENSE_KEY=... tt-server geo update --provider maxmind":
+        "tests/test_geo_update.py::test_maxmind_as_geoipupdate_metadata_md5_then_dated_tarball",
+    "IPINFO_TOKEN=... tt-server geo update --provider ipinfo":
+        "tests/test_geo_update.py::test_ipinfo_one_file_with_both_checked_against_its_sha256",
+    "tt-server export --since 7d --client-cc IR --failed --format csv -o":
+        "tests/test_export.py::test_round_trip_with_filters",
+    "tt-server purge --older-than 90d --dry-run": "tests/test_retention.py::test_purge_command",
 }
 EXTERNAL = {
     "tt-report --collector https://collector.example.org probe": "a real collector and endpoint",
