@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import requests
 
-from tunnel_telemetry.server.worker import ConnectionLimits, error_response, http_error
+from tunnel_telemetry.server.worker import ConnectionLimits, corked, error_response, http_error
 from tunnel_telemetry.testing.reports import make_report
 
 HEADER_TIMEOUT = 2.0
@@ -449,3 +449,33 @@ def test_sixty_four_addresses_holding_four_slow_uploads_each(tt_server):
     logs = server.logs()
     assert "slow_client_cut body" in logs and "client_busy" in logs
     assert "127.22." not in logs and "Traceback" not in logs
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
+def test_corked_holds_segments_for_the_block_only():
+    """An answer's head and body leave together: TCP_CORK is set for the block and cleared
+    after it, when the block fails too; a socket that is not TCP is left alone."""
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as sock:
+        def cork():
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+        with corked(sock):
+            assert cork() == 1
+            sock.sendall(b"HTTP/1.1 201 Created\r\n\r\n")
+            sock.sendall(b"{}")
+        assert cork() == 0
+        with pytest.raises(RuntimeError), corked(sock):
+            raise RuntimeError("the app failed")
+        assert cork() == 0
+        peer, _ = server.accept()
+        with peer:
+            peer.settimeout(5)
+            expected, received = b"HTTP/1.1 201 Created\r\n\r\n{}", b""
+            while len(received) < len(expected):
+                received += peer.recv(100)
+            assert received == expected
+    left, right = socket.socketpair()
+    with left, right, corked(left):
+        left.sendall(b"x")
+        assert right.recv(1) == b"x"
