@@ -570,6 +570,7 @@ def test_sighup_picks_up_databases_installed_after_start_up(tmp_path, app_config
     from tunnel_telemetry.server import on_reload
     from tunnel_telemetry.web import create_app
 
+    app_config["geo-dir"] = str(geo_dir(tmp_path))  # beside a SQLite store by default; PG too
     app = create_app(app_config)
     svc = app.extensions["tunnel_telemetry"]
     try:
