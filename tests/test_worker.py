@@ -392,7 +392,8 @@ class Flood(threading.Thread):
 
 
 # The defaults that the test harness turns off (TTServer: one client sends a whole test's load).
-DEFAULT_LIMITS = ("--rate-limit", "120", "--max-in-flight-per-client", "2")
+DEFAULT_LIMITS = ("--rate-limit", "120", "--max-in-flight-per-client", "2",
+                  "--max-connections-per-client", "8", "--max-connections-per-network", "32")
 
 
 def served_again_and_again(server, seconds):

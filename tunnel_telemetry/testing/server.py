@@ -59,11 +59,13 @@ class TTServer:
         self.command = command
         self.cwd = Path(cwd) if cwd else self.workdir
         # Every test client is 127.0.0.1: one "client" sending a whole test's load. The
-        # per-client limits are off unless a test turns them on (a flag beats the environment).
+        # per-client limits (rate, uploads, open connections) are off unless a test turns them
+        # on (a flag beats the environment).
         # Reports in tests carry their own client_asn / client_cc, so --ooni-relay runs without
         # geo databases unless a test says otherwise (OONI_RELAY_WITHOUT_GEO="").
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "RATE_LIMIT": "0",
-                    "MAX_IN_FLIGHT_PER_CLIENT": "0", "OONI_RELAY_WITHOUT_GEO": "1",
+                    "MAX_IN_FLIGHT_PER_CLIENT": "0", "MAX_CONNECTIONS_PER_CLIENT": "0",
+                    "MAX_CONNECTIONS_PER_NETWORK": "0", "OONI_RELAY_WITHOUT_GEO": "1",
                     **(env or {})}
         self.env.pop("TT_CONFIG", None)
         self.proc: subprocess.Popen | None = None
