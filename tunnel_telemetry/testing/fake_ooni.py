@@ -360,8 +360,8 @@ class FakeOONI:
         """Counters: connections accepted, requests, opens, submissions (accepted, with those
         kept in the fallback store), closes, dropped (200 ``{}``, lost), fallback (200 ``{}``,
         kept), measurements API calls, rejected, faults injected, distinct uuids, duplicate
-        deliveries, reports still open, and the most requests it answered at once
-        (max_in_flight)."""
+        deliveries, reports still open, the requests it is answering now (in_flight) and the
+        most it answered at once (max_in_flight)."""
         with self._lock:
             return {
                 "connections": self._counts["connections"],
@@ -379,6 +379,7 @@ class FakeOONI:
                 "open_reports": sum(
                     1 for r in self._reports.values() if not (r.closed or r.expired)
                 ),
+                "in_flight": self._in_flight,
                 "max_in_flight": self._max_in_flight,
             }
 
