@@ -231,7 +231,7 @@ def test_procfile_runs_with_port(tmp_path):
         body = post(srv, make_report()).json()
         assert body["collector_id"] == "dyno"
     finally:
-        srv.stop()
+        srv.stop(signal.SIGINT)
     assert "POST /report" in srv.logs() and "127.0.0.1" not in srv.logs()
     assert body["uuid"] in db_rows(tmp_path / "r.db")
 
@@ -265,7 +265,7 @@ def test_privacy_nothing_leaks(tmp_path, tt_server, geo_dbs):
         session.post(srv.url + "/report", data=b"{bad", timeout=5,
                      headers={"Content-Type": "application/json",
                               "X-Forwarded-For": clients[1]})
-    srv.stop()
+    srv.stop(signal.SIGINT)
     haystack = srv.logs().encode()
     for path in tmp_path.glob("r.db*"):
         haystack += path.read_bytes()

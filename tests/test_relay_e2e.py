@@ -1,6 +1,7 @@
 """Relay end to end: real tt-server (gunicorn) processes on 127.0.0.1 and the fake OONI."""
 
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,7 @@ def test_restart_with_a_pending_backlog_that_drains(tt_server, fake):
     a = tt_server(*args)
     bodies = [post(a) for _ in range(10)]
     assert {b["relay"]["ooni"] for b in bodies} == {"pending"}
-    a.stop()
+    a.stop(signal.SIGINT)
     store = db_of(a)
     try:
         assert store.backlog()["ooni"]["pending"] == 10
@@ -119,7 +120,7 @@ def test_relay_once_command_uses_the_servers_configuration_sources(tt_server, fa
     a = tt_server("--ooni-relay", "--ooni-api", fake.url, "--relay-retry-min", "1h")
     for _ in range(3):
         post(a)
-    a.stop()
+    a.stop(signal.SIGINT)
     fake.clear_faults()
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{a.workdir}/tt-data/reports.db",
            "OONI_RELAY": "true", "OONI_API": fake.url, "TT_CONFIG": ""}
@@ -164,8 +165,8 @@ def test_chain_a_to_b_keeps_client_ip_and_endpoint_from_b(tt_server, fake, geo_d
     [m] = fake.measurements
     assert m.uuid == body["uuid"] and m.content["annotations"]["collector_id"] == "primary"
     assert (m.content["probe_cc"], m.content["probe_asn"]) == ("NO", "AS50304")
-    a.stop()
-    b.stop()
+    a.stop(signal.SIGINT)
+    b.stop(signal.SIGINT)
     at_b_bytes = stored_bytes(b)  # database, WAL and logs of B
     assert client_ip.encode() not in at_b_bytes
     assert endpoint_ip.encode() not in at_b_bytes
@@ -183,12 +184,12 @@ def test_fallback_answers_survive_a_restart_and_are_confirmed_not_resent(tt_serv
     a = tt_server(*args, "--relay-confirm-delay", "1h")
     bodies = [post(a) for _ in range(4)]
     assert {b["relay"]["ooni-reason"].split(":")[0] for b in bodies} == {"accepted-without-id"}
-    a.stop()
+    a.stop(signal.SIGINT)
     assert fake.stats()["submissions"] == 4
     fake.clear_faults()
     a.start()  # same database; the reports wait the hour: nothing is sent again
     assert backlog(a)["ooni"]["pending"] == 4
-    a.stop()
+    a.stop(signal.SIGINT)
     assert fake.stats()["submissions"] == 4
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{a.workdir}/tt-data/reports.db",
            "OONI_RELAY": "true", "OONI_API": fake.url, "TT_CONFIG": ""}
