@@ -264,7 +264,7 @@ OPTIONS: tuple[Option, ...] = (
            "Connections one worker serves at once (gevent worker: a greenlet each); more "
            "wait to be accepted."),
     Option("access-log", "bool", True,
-           "Log one line per request (no addresses); costs ~8% CPU per report at high rates."),
+           "Log one line per request (no addresses); costs ~7% CPU per report at high rates."),
     Option("debug", "bool", False, "Debug logging."),
     Option("aggregate-k", "int", 10,
            "Fewest reports a published aggregate cell may count; smaller cells are folded "
