@@ -10,9 +10,11 @@ from collections import Counter
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tunnel_telemetry.server.worker import ConnectionLimits, corked, error_response, http_error
 from tunnel_telemetry.testing.reports import make_report
+from tunnel_telemetry.testing.server import free_port, wait_for
 
 HEADER_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 3.0
@@ -480,3 +482,44 @@ def test_corked_holds_segments_for_the_block_only():
     with left, right, corked(left):
         left.sendall(b"x")
         assert right.recv(1) == b"x"
+
+
+@pytest.mark.e2e
+def test_the_workers_refusals_are_counted_in_the_metrics(tt_server):
+    """What the worker answers itself (never reaching the app) counts in
+    tt_reports_rejected_total by reason code, like the app's refusals."""
+    port = free_port()
+    server = tt_server("--workers", "1", "--metrics-listen", f"127.0.0.1:{port}",
+                       "--max-connections-per-client", "1", "--max-report-size", "2000",
+                       "--header-timeout", "1s", "--request-timeout", "1s")
+    head = b"POST /report HTTP/1.1\r\nHost: c\r\nContent-Type: application/json\r\n"
+    asks = [  # (source address, bytes sent, status expected)
+        ("127.24.0.1", b"NOT HTTP AT ALL\r\n\r\n", b"400"),
+        ("127.24.0.2", head + b"Transfer-Encoding: chunked\r\n\r\n10000\r\n", b"413"),
+        ("127.24.0.3", head + b"Content-Length: 500\r\n\r\n{\"uu", b"408"),
+    ]
+    for source, data, status in asks:
+        with from_address(server, source, data) as sock:
+            assert read_all(sock).startswith(b"HTTP/1.1 " + status)
+    with from_address(server, "127.24.0.4") as held:
+        time.sleep(0.3)  # the worker has taken the first connection of this address
+        with from_address(server, "127.24.0.4") as second:
+            assert read_all(second).startswith(b"HTTP/1.1 429")
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
+        assert read_all(held).startswith(b"HTTP/1.1 200")
+    assert wait_for(lambda: scraped(f"http://127.0.0.1:{port}/metrics"), timeout=10)
+    with requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        families = list(text_string_to_metric_families(resp.text))
+    rejected = {s.labels["reason"]: s.value for f in families for s in f.samples
+                if s.name == "tt_reports_rejected_total"}
+    assert rejected == {"malformed_http": 1, "too_large": 1, "slow_client_cut": 1,
+                        "connection_refused": 1}
+    assert "127.24." not in resp.text and "127.24." not in server.logs()
+
+
+def scraped(url):
+    try:
+        with requests.get(url, timeout=1) as resp:
+            return resp.status_code == 200
+    except requests.RequestException:
+        return False

@@ -15,6 +15,9 @@ through one of its public methods:
 * a declared chunk larger than ``max-report-size`` on POST /report refused with 413 at once;
 * JSON instead of gunicorn's HTML for malformed HTTP (``handle_error``): a fixed message per
   kind of error, never the client's input, and logs with a reason code, never an address;
+* what it refuses counted in ``tt_reports_rejected_total`` like the app's refusals:
+  ``connection_refused``, ``slow_client_cut``, ``too_large``, ``malformed_http``,
+  ``tls_error``, ``internal_error``;
 * an answer leaves in one TCP segment where it fits (``handle_request`` corks the socket while
   gunicorn writes the status line and headers, then the body): two sends a response cost
   about a sixth of a report's CPU here (docs/benchmarks.md).
@@ -41,6 +44,7 @@ from gunicorn.http import errors as http_errors
 from gunicorn.http.body import ChunkedReader
 from gunicorn.workers.ggevent import GeventWorker
 
+from .. import metrics
 from ..web.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -67,11 +71,16 @@ _HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
 class Refused(BaseException):
     """A request the worker answers itself (408 slow body, 413 declared chunk). Not an
     Exception: raised inside the app's body read, it must pass the app's error handling
-    and reach ``handle_error`` untouched."""
+    and reach ``handle_error`` untouched. ``reason`` is a code and a detail for the log
+    (``slow_client_cut body``); the code alone is the metric's reason."""
 
     def __init__(self, status: int, message: str, reason: str) -> None:
         super().__init__(reason)
         self.status, self.message, self.reason = status, message, reason
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(" ", 1)[0]
 
 
 def http_error(exc: BaseException) -> tuple[int, str]:
@@ -296,6 +305,7 @@ class CollectorWorker(GeventWorker):
         keys = self.connections.open(addr)
         if keys is False:
             log.info("connection_refused: too many from one network")
+            metrics.rejected("connection_refused")
             _answer_and_close(client, 429, "too many open connections from your network",
                               retry_after=1)
             return
@@ -317,6 +327,7 @@ class CollectorWorker(GeventWorker):
             except (OSError, ValueError):
                 return False
         log.info("slow_client_cut tls")
+        metrics.rejected("slow_client_cut")
         return False
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
@@ -335,10 +346,13 @@ class CollectorWorker(GeventWorker):
         # A reason code only: gunicorn's own message quotes the client's address and input.
         if isinstance(exc, Refused):
             log.info("%s", exc.reason)
+            metrics.rejected(exc.code)
         elif status >= 500:
             self.log.error("http error: %s", type(exc).__name__)
+            metrics.rejected("internal_error")
         else:
             self.log.info("rejected http: %s", type(exc).__name__)
+            metrics.rejected("tls_error" if isinstance(exc, ssl.SSLError) else "malformed_http")
         _answer_and_close(client, status, message)
 
 
