@@ -8,9 +8,12 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qs
 
@@ -26,6 +29,7 @@ from tunnel_telemetry.geo_update import (
     update,
 )
 from tunnel_telemetry.pipeline.geo import Geo
+from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.geodb import (
     GeoMirror,
     gzipped,
@@ -35,7 +39,7 @@ from tunnel_telemetry.testing.geodb import (
     write_ipinfo_db,
 )
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import wait_for
+from tunnel_telemetry.testing.server import TTServer, free_port, wait_for
 
 NOW = datetime.datetime(2026, 12, 7, 3, 0, tzinfo=datetime.UTC)
 DAY = 86400
@@ -533,6 +537,41 @@ def test_update_and_reload_while_serving_drops_no_request(tmp_path, tt_server, s
     assert [(d["role"], d["file"], d["stale"]) for d in geo] == [
         ("country", "country.mmdb", False), ("asn", "asn.mmdb", False)]
     assert geo[0]["attribution"] == "IP Geolocation by DB-IP (https://db-ip.com), CC BY 4.0"
+
+
+@pytest.mark.e2e
+def test_the_heroku_procfile_line_of_the_docs_relays_with_fresh_databases(tmp_path, served,
+                                                                           build):
+    """docs/geo.md's Procfile line for a disk that does not survive a restart, run by a shell
+    as written and configured by the environment as on Heroku: geo update, then gunicorn, with
+    ooni-relay (which refuses to start without databases); OONI gets the client's location."""
+    repo = Path(__file__).resolve().parent.parent
+    lines = {found for doc in ("geo.md", "deploy.md")
+             for found in re.findall(r"`web: ([^`]+)`", (repo / "docs" / doc).read_text())}
+    assert lines == {"tt-server geo update && gunicorn app:app"}, "both docs give one line"
+    [line] = lines
+    serve_dbip(served, build, "AU", 13335, _dbip_months(datetime.datetime.now(datetime.UTC))[0])
+    with FakeOONI() as fake:
+        env = {"DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "OONI_RELAY": "true",
+               "OONI_API": fake.url, "OONI_RELAY_WITHOUT_GEO": "", "PROXY_HOPS": "1",
+               "WORKERS": "2", "TT_GEO_DOWNLOAD_URL": served.url,
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+        port = free_port()
+        server = TTServer(tmp_path / "dyno", command=["sh", "-c", line], port=port,
+                          env={**env, "PORT": str(port)}, cwd=repo)
+        server.start(timeout=60)
+        try:
+            assert post(server) == ("AS13335", "AU")
+            assert wait_for(lambda: fake.stats()["submissions"] == 1, timeout=10)
+        finally:
+            server.stop(signal.SIGINT)
+        [measurement] = fake.measurements
+        assert (measurement.content["probe_cc"], measurement.content["probe_asn"]) == (
+            "AU", "AS13335")
+    logs = server.logs()
+    assert "installed" in logs and "Listening at" in logs
+    assert {"country.mmdb", "asn.mmdb"} <= set(os.listdir(tmp_path / "geo"))
+    assert not (repo / "tt-data").exists()
 
 
 @pytest.mark.e2e
