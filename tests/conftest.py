@@ -5,6 +5,7 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
+from tunnel_telemetry.store import open_store
 from tunnel_telemetry.testing import postgres
 from tunnel_telemetry.testing.reports import iso, make_report  # noqa: F401
 from tunnel_telemetry.testing.server import TTServer
@@ -17,6 +18,30 @@ def db_url(tmp_path, request):
     if os.environ.get("TT_TEST_BACKEND") == "postgres":
         return request.getfixturevalue("pg_url")
     return f"sqlite:///{tmp_path}/reports.db"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request):
+    """Each store backend in turn, for the tests that ask for it (pin one with
+    ``@pytest.mark.parametrize("backend", ["sqlite"])``)."""
+    return request.param
+
+
+@pytest.fixture
+def each_backend_url(backend, tmp_path, request):
+    """An empty database of ``backend``. A module whose tests all run on both backends says
+    so with a ``db_url`` fixture that returns this one."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/reports.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(db_url):
+    """The store at ``db_url``, closed after the test."""
+    store = open_store(db_url)
+    yield store
+    store.close()
 
 
 @pytest.fixture

@@ -133,11 +133,9 @@ def test_ranges_are_whole_closed_periods(args, bounds):
 
 # -- the store's grouping, both backends -----------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/reports.db"
-    return request.getfixturevalue("pg_url")
+@pytest.fixture
+def store_url(each_backend_url):
+    return each_backend_url
 
 
 def test_store_groups_by_period_and_cell(store_url):

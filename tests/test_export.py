@@ -27,16 +27,10 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request):
-    return request.param
-
-
 @pytest.fixture
-def db_url(backend, tmp_path, request):
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path}/reports.db"
-    return request.getfixturevalue("pg_url")
+def db_url(each_backend_url):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return each_backend_url
 
 
 def moment(ts):

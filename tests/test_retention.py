@@ -20,23 +20,10 @@ from tunnel_telemetry.testing.server import free_port, wait_until
 DESTS = ["ooni", "collector:https://b.example"]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request):
-    return request.param
-
-
 @pytest.fixture
-def db_url(backend, tmp_path, request):
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path}/reports.db"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-def store(db_url):
-    store = open_store(db_url)
-    yield store
-    store.close()
+def db_url(each_backend_url):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return each_backend_url
 
 
 def age(db_url, uuids, seconds):

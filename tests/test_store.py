@@ -25,24 +25,10 @@ def report(uid=None, **extra):
     return {"uuid": uid or str(uuid.uuid4()), "report-type": "tunnel-telemetry", **extra}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request):
-    return request.param
-
-
 @pytest.fixture
-def db_url(backend, tmp_path, request):
-    """An empty database of the backend under test."""
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path}/reports.db"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-def store(db_url):
-    store = open_store(db_url)
-    yield store
-    store.close()
+def db_url(each_backend_url):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return each_backend_url
 
 
 def run_processes(target, args_list, timeout=30):
