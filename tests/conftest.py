@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from tunnel_telemetry.store import open_store
 from tunnel_telemetry.testing import postgres
+from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import iso, make_report  # noqa: F401
 from tunnel_telemetry.testing.server import TTServer
 from tunnel_telemetry.web import create_app
@@ -90,6 +91,38 @@ def tt_server(tmp_path):
         # gevent worker checks its connections once a second) only costs time. Tests of a
         # graceful stop call server.stop() themselves.
         server.stop(signal.SIGINT)
+
+
+@pytest.fixture
+def fake():
+    """A fake OONI collector on 127.0.0.1 (tunnel_telemetry.testing.fake_ooni)."""
+    with FakeOONI() as f:
+        yield f
+
+
+@pytest.fixture
+def relay_defaults():
+    """Options every make_app app gets (a module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def make_app(tmp_path, fake, relay_defaults):
+    """Factory: an app relaying to the fake OONI, one SQLite store per name; closed at the end.
+    All test clients are 127.0.0.1: per-client rate limiting off (test_limits.py has it)."""
+    apps = []
+
+    def make(name="a", **options):
+        config = {"database-url": f"sqlite:///{tmp_path}/{name}.db", "collector-id": f"col-{name}",
+                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0,
+                  "ooni-relay-without-geo": True, **relay_defaults, **options}
+        app = create_app(config)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["tunnel_telemetry"].close()
 
 
 @pytest.fixture(scope="session")

@@ -56,12 +56,6 @@ def content(rid, **over):
 
 
 @pytest.fixture
-def fake():
-    with FakeOONI() as f:
-        yield f
-
-
-@pytest.fixture
 def http():
     with requests.Session() as s:
         yield s

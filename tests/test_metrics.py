@@ -16,7 +16,7 @@ from tunnel_telemetry import metrics
 from tunnel_telemetry.cli import main
 from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import free_port, wait_for, wait_until
+from tunnel_telemetry.testing.server import answers_200, free_port, wait_for, wait_until
 
 CLIENT_IP = "1.1.1.77"  # AU, AS13335 in the test geo databases
 ENDPOINT_HOST = "secret-bridge.example.org"
@@ -76,7 +76,7 @@ def test_counts_add_up_across_workers_and_leak_nothing(tt_server, geo_dbs):
                            "--relay-retry-min", "1h")
         wait_until(lambda: leader(server), 10, "a leader")
         first = leader(server)
-        wait_until(lambda: wait_for(lambda: _up(metrics_url), 5), 10, "metrics served")
+        wait_until(lambda: wait_for(lambda: answers_200(metrics_url), 5), 10, "metrics served")
         reports = [a_report() for _ in range(12)]
         for report in reports[:6]:
             post(server, report)
@@ -90,7 +90,7 @@ def test_counts_add_up_across_workers_and_leak_nothing(tt_server, geo_dbs):
         post(server, reports[0])  # a duplicate
         post(server, make_report(time="yesterday"), expect=400)  # schema
         post(server, None, expect=415, data=b"{}", content_type="text/plain")
-        wait_until(lambda: _up(metrics_url), 10, "metrics served again")
+        wait_until(lambda: answers_200(metrics_url), 10, "metrics served again")
         wait_until(lambda: fake.stats()["submissions"] >= 12, 10, "OONI got the reports")
         text, samples = scrape(metrics_url)
 
@@ -133,13 +133,6 @@ LABEL_VALUES = {
     "route": "/[a-z/.-]*|unmatched", "method": "GET|POST|HEAD", "le": r"[0-9.]+|\+Inf",
 }
 
-
-def _up(url):
-    try:
-        with requests.get(url, timeout=1) as resp:
-            return resp.status_code == 200
-    except requests.RequestException:
-        return False
 
 
 @pytest.mark.e2e

@@ -14,7 +14,6 @@ import pytest
 from tunnel_telemetry import httpclient
 from tunnel_telemetry.relay import http as delivery
 from tunnel_telemetry.relay import ooni
-from tunnel_telemetry.testing.fake_ooni import FakeOONI
 
 
 def stored(**over):
@@ -37,12 +36,6 @@ def stored(**over):
     }
     r.update(over)
     return {k: v for k, v in r.items() if v != "DROP"}
-
-
-@pytest.fixture
-def fake():
-    with FakeOONI() as f:
-        yield f
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from tunnel_telemetry.relay import NullRelay, Relay
 from tunnel_telemetry.relay.outcome import Outcome, is_destination_failure
 from tunnel_telemetry.relay.senders import CollectorSender
 from tunnel_telemetry.store import dumps
-from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import free_port, wait_until
 from tunnel_telemetry.web import create_app
@@ -28,27 +27,8 @@ IT = {"client_asn": "AS30722", "client_cc": "IT"}
 
 
 @pytest.fixture
-def fake():
-    with FakeOONI() as f:
-        yield f
-
-
-@pytest.fixture
-def make_app(tmp_path, fake):
-    apps = []
-
-    def make(name="a", **options):
-        # All test clients are 127.0.0.1: per-client rate limiting off (test_limits.py has it).
-        config = {"database-url": f"sqlite:///{tmp_path}/{name}.db", "collector-id": f"col-{name}",
-                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0,
-                  "ooni-relay-without-geo": True, **SLOW, **options}
-        app = create_app(config)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["tunnel_telemetry"].close()
+def relay_defaults():
+    return SLOW  # the retry loop stays out of the way unless a test asks for it
 
 
 def svc(app):

@@ -7,11 +7,9 @@ import uuid as uuidlib
 import pytest
 
 from tunnel_telemetry.relay.ooni import OONIClient
-from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.scripted import Reply, ScriptedCollector
 from tunnel_telemetry.testing.server import wait_until
-from tunnel_telemetry.web import create_app
 
 IT = {"client_asn": "AS30722", "client_cc": "IT"}
 CONFIRM = {"relay-interval": "50ms", "relay-retry-min": "50ms", "relay-retry-max": "100ms",
@@ -19,26 +17,8 @@ CONFIRM = {"relay-interval": "50ms", "relay-retry-min": "50ms", "relay-retry-max
 
 
 @pytest.fixture
-def fake():
-    with FakeOONI() as f:
-        yield f
-
-
-@pytest.fixture
-def make_app(tmp_path, fake):
-    apps = []
-
-    def make(name="a", **options):
-        config = {"database-url": f"sqlite:///{tmp_path}/{name}.db", "collector-id": "c",
-                  "ooni-relay": True, "ooni-api": fake.url, "rate-limit": 0,
-                  "ooni-relay-without-geo": True, **CONFIRM, **options}
-        app = create_app(config)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["tunnel_telemetry"].close()
+def relay_defaults():
+    return CONFIRM
 
 
 def svc(app):

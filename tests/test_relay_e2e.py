@@ -11,7 +11,6 @@ import pytest
 import requests
 
 from tunnel_telemetry.store import open_store
-from tunnel_telemetry.testing.fake_ooni import FakeOONI
 from tunnel_telemetry.testing.reports import make_report
 from tunnel_telemetry.testing.server import wait_until
 
@@ -22,12 +21,6 @@ CLIENT_IP = "203.0.113.77"
 ENDPOINT_IP = "198.51.100.9"
 FAST = ["--relay-interval", "100ms", "--relay-retry-min", "100ms", "--relay-retry-max", "300ms"]
 IT = {"client_asn": "AS30722", "client_cc": "IT"}
-
-
-@pytest.fixture
-def fake():
-    with FakeOONI() as f:
-        yield f
 
 
 def post(server, **fields):

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tunnel_telemetry.server.worker import ConnectionLimits, corked, error_response, http_error
 from tunnel_telemetry.testing.reports import make_report
-from tunnel_telemetry.testing.server import free_port, wait_for
+from tunnel_telemetry.testing.server import answers_200, free_port, wait_for
 
 HEADER_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 3.0
@@ -507,7 +507,7 @@ def test_the_workers_refusals_are_counted_in_the_metrics(tt_server):
             assert read_all(second).startswith(b"HTTP/1.1 429")
         held.sendall(b"GET /healthz HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
         assert read_all(held).startswith(b"HTTP/1.1 200")
-    assert wait_for(lambda: scraped(f"http://127.0.0.1:{port}/metrics"), timeout=10)
+    assert wait_for(lambda: answers_200(f"http://127.0.0.1:{port}/metrics"), timeout=10)
     with requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         families = list(text_string_to_metric_families(resp.text))
     rejected = {s.labels["reason"]: s.value for f in families for s in f.samples
@@ -516,10 +516,3 @@ def test_the_workers_refusals_are_counted_in_the_metrics(tt_server):
                         "connection_refused": 1}
     assert "127.24." not in resp.text and "127.24." not in server.logs()
 
-
-def scraped(url):
-    try:
-        with requests.get(url, timeout=1) as resp:
-            return resp.status_code == 200
-    except requests.RequestException:
-        return False

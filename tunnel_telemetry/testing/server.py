@@ -34,6 +34,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0,
     return predicate()
 
 
+def answers_200(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET ``url`` answers 200 now (False while nothing listens there)."""
+    try:
+        with requests.get(url, timeout=timeout) as resp:
+            return resp.status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0,
                what: str = "condition") -> None:
     """Like wait_for, but a timeout is a TimeoutError naming ``what``."""
