@@ -5,6 +5,7 @@ import time
 import uuid as uuidlib
 
 import pytest
+from test_relay import post, svc  # the same app helpers
 
 from tunnel_telemetry.relay.ooni import OONIClient
 from tunnel_telemetry.testing.reports import make_report
@@ -19,16 +20,6 @@ CONFIRM = {"relay-interval": "50ms", "relay-retry-min": "50ms", "relay-retry-max
 @pytest.fixture
 def relay_defaults():
     return CONFIRM
-
-
-def svc(app):
-    return app.extensions["tunnel_telemetry"]
-
-
-def post(app, **fields):
-    resp = app.test_client().post("/report", json=make_report(**{**IT, **fields}))
-    assert resp.status_code == 201, resp.get_json()
-    return resp.get_json()
 
 
 def row(app, uid):

@@ -154,14 +154,7 @@ class OONIClient:
         except (KeyError, TypeError, ValueError):
             return Outcome.failed("bad-report", "stored report lacks a valid time")
         try:
-            rep = self._report_for(asn, cc, deadline)
-            if isinstance(rep, Outcome):
-                return rep
-            try:
-                return self._submit(rep, content_base, deadline)
-            except _ReportGone:
-                log.info("ooni: report id no longer known, reopening once")
-                self._forget(rep)
+            for reopened in (False, True):  # a report id OONI no longer knows: reopen once
                 rep = self._report_for(asn, cc, deadline)
                 if isinstance(rep, Outcome):
                     return rep
@@ -169,7 +162,9 @@ class OONIClient:
                     return self._submit(rep, content_base, deadline)
                 except _ReportGone:
                     self._forget(rep)
-                    return Outcome.failed("report-unknown", "OONI rejected a fresh report id")
+                    if not reopened:
+                        log.info("ooni: report id no longer known, reopening once")
+            return Outcome.failed("report-unknown", "OONI rejected a fresh report id")
         except HTTP_ERRORS as e:
             return classify_exception(e)
 
