@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tunnel_telemetry.cli import main
@@ -50,3 +52,34 @@ def test_unknown_yaml_key_exits_2(runner, tmp_path):
     result = runner.invoke(main, ["--config", str(path)])
     assert result.exit_code == 2
     assert "unknown option 'hostnme'" in result.output
+
+
+@pytest.mark.parametrize("args, in_document", [
+    (["export"], False),
+    (["export", "--format", "csv"], False),
+    (["aggregate", "--format", "json"], True),
+    (["aggregate", "--format", "jsonl"], False),
+    (["aggregate", "--format", "csv"], False),
+])
+def test_output_with_geo_data_names_its_attribution(runner, tmp_path, geo_dbs, args,
+                                                    in_document):
+    """export and aggregate print what the geo databases' licences ask to be credited with
+    (GeoLite2 here): in the JSON document as GET /aggregates has it, else on standard error."""
+    country, asn = geo_dbs
+    common = ["--database-url", f"sqlite:///{tmp_path}/r.db", "--geoip-country-db",
+              str(country), "--geoip-asn-db", str(asn)]
+    result = runner.invoke(main, [*common, *args])
+    assert result.exit_code == 0, result.output
+    credit = "This product includes GeoLite2 data created by MaxMind"
+    if in_document:
+        assert credit in json.loads(result.stdout)["attribution"][0]
+        assert result.stderr == ""
+    else:
+        assert credit not in result.stdout
+        assert result.stderr.startswith("attribution: " + credit)
+
+
+def test_output_without_geo_data_names_none(runner, tmp_path):
+    result = runner.invoke(main, ["--database-url", f"sqlite:///{tmp_path}/r.db",
+                                  "--geo-dir", str(tmp_path / "none"), "aggregate"])
+    assert result.exit_code == 0 and result.stderr == ""

@@ -240,12 +240,17 @@ def aggregate_command(ctx: click.Context, start: str | None, end: str | None, pe
     finally:
         store.close()
     if fmt == "json":
+        if credits := _geo_attributions(config):
+            document["attribution"] = credits  # as GET /aggregates gives it
         click.echo(json.dumps(document))
-    elif fmt == "csv":
+        return
+    _credit(config)
+    if fmt == "csv":
         click.echo(to_csv(document), nl=False)
     else:
         for line in to_json_lines(document):
             click.echo(line)
+
 
 def _command_config(ctx: click.Context, config_path: str | None, flags: dict[str, Any]) -> Any:
     """A subcommand's configuration: the group's options, then its own (given after it)."""
@@ -262,6 +267,29 @@ def _open_store(config: Any) -> Any:
         return open_store(config.database_url)
     except StoreError as exc:
         fail(str(exc))
+
+
+def _geo_attributions(config: Any) -> list[str]:
+    """What the licences of the geo databases the collector reads ask to be credited with,
+    for output that carries the ASNs and countries they gave (none without databases)."""
+    from .geo_update import attributions
+    from .pipeline.geo import Geo, GeoError
+    from .web import geo_paths
+
+    try:
+        geo = Geo(*geo_paths(config))
+    except GeoError:
+        return []
+    try:
+        return attributions(geo.info())
+    finally:
+        geo.close()
+
+
+def _credit(config: Any) -> None:
+    """One line on standard error naming what the output's geo data must be credited with."""
+    if credits := _geo_attributions(config):
+        click.echo(f"attribution: {'; '.join(credits)}", err=True)
 
 
 def _parsed(parse: Callable[[str], Any], name: str) -> Callable:
@@ -342,6 +370,7 @@ def export_command(ctx: click.Context, fmt: str, output: str, since: float | Non
         store.close()
     if output != "-":
         click.echo(f"{count} reports written to {output}", err=True)
+    _credit(config)
 
 
 @main.command("purge")
