@@ -500,9 +500,12 @@ def test_update_and_reload_while_serving_drops_no_request(tmp_path, tt_server, s
     cli = [sys.executable, "-m", "tunnel_telemetry.cli", *common, "geo", "update"]
     serve_dbip(served, build, "AU", 13335, months[1])
     subprocess.run(cli, check=True, capture_output=True, timeout=60)
+    pidfile = tmp_path / "tt-server.pid"
     server = tt_server(*common, "--workers", "2", "--proxy-hops", "1", "--ooni-relay",
-                       "--ooni-api", "http://127.0.0.1:9", env={"OONI_RELAY_WITHOUT_GEO": ""})
+                       "--ooni-api", "http://127.0.0.1:9", "--pidfile", str(pidfile),
+                       env={"OONI_RELAY_WITHOUT_GEO": ""})
     master = server.proc.pid
+    assert wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() == str(master))
     assert post(server) == ("AS13335", "AU")
 
     seen, errors, stop = [], [], threading.Event()
@@ -519,7 +522,7 @@ def test_update_and_reload_while_serving_drops_no_request(tmp_path, tt_server, s
     thread.start()
     try:
         serve_dbip(served, build, "NZ", 64500, months[0], built=BUILT + DAY)
-        out = subprocess.run([*cli, "--reload-pid", str(master)], capture_output=True,
+        out = subprocess.run([*cli, "--reload-pid", str(pidfile)], capture_output=True,
                              text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
         assert f"reload: sent SIGHUP to {master}" in out.stdout
@@ -537,6 +540,8 @@ def test_update_and_reload_while_serving_drops_no_request(tmp_path, tt_server, s
     assert [(d["role"], d["file"], d["stale"]) for d in geo] == [
         ("country", "country.mmdb", False), ("asn", "asn.mmdb", False)]
     assert geo[0]["attribution"] == "IP Geolocation by DB-IP (https://db-ip.com), CC BY 4.0"
+    server.stop()
+    assert not pidfile.exists(), "the pidfile goes with the collector"
 
 
 @pytest.mark.e2e

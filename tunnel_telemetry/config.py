@@ -265,6 +265,9 @@ OPTIONS: tuple[Option, ...] = (
            "wait to be accepted."),
     Option("access-log", "bool", True,
            "Log one line per request (no addresses); costs ~7% CPU per report at high rates."),
+    Option("pidfile", "str", None,
+           "Write the master's process id to this file (for `kill -HUP` and `tt-server geo "
+           "update --reload-pid FILE`); removed when it stops."),
     Option("debug", "bool", False, "Debug logging."),
     Option("aggregate-k", "int", 10,
            "Fewest reports a published aggregate cell may count; smaller cells are folded "
@@ -373,6 +376,7 @@ class Config:
     workers: int | None
     worker_connections: int
     access_log: bool
+    pidfile: str | None
     debug: bool
     aggregate_k: int
     relay_aggregates_url: str | None

@@ -184,6 +184,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "on_reload": on_reload,
         "child_exit": metrics.child_exit,  # a dead worker's metric files (multiprocess mode)
         "proc_name": "tt-server",
+        "pidfile": config.pidfile,
         # Gunicorn's control socket has one fixed path per user: several instances collide.
         "control_socket_disable": True,
     }
