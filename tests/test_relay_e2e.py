@@ -73,7 +73,7 @@ def test_restart_with_a_pending_backlog_that_drains(tt_server, fake):
     a = tt_server(*args)
     bodies = [post(a) for _ in range(10)]
     assert {b["relay"]["ooni"] for b in bodies} == {"pending"}
-    a.stop(signal.SIGINT)
+    a.stop()
     store = db_of(a)
     try:
         assert store.backlog()["ooni"]["pending"] == 10
@@ -113,7 +113,7 @@ def test_relay_once_command_uses_the_servers_configuration_sources(tt_server, fa
     a = tt_server("--ooni-relay", "--ooni-api", fake.url, "--relay-retry-min", "1h")
     for _ in range(3):
         post(a)
-    a.stop(signal.SIGINT)
+    a.stop()
     fake.clear_faults()
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{a.workdir}/tt-data/reports.db",
            "OONI_RELAY": "true", "OONI_API": fake.url, "TT_CONFIG": ""}
@@ -177,12 +177,12 @@ def test_fallback_answers_survive_a_restart_and_are_confirmed_not_resent(tt_serv
     a = tt_server(*args, "--relay-confirm-delay", "1h")
     bodies = [post(a) for _ in range(4)]
     assert {b["relay"]["ooni-reason"].split(":")[0] for b in bodies} == {"accepted-without-id"}
-    a.stop(signal.SIGINT)
+    a.stop()
     assert fake.stats()["submissions"] == 4
     fake.clear_faults()
     a.start()  # same database; the reports wait the hour: nothing is sent again
     assert backlog(a)["ooni"]["pending"] == 4
-    a.stop(signal.SIGINT)
+    a.stop()
     assert fake.stats()["submissions"] == 4
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{a.workdir}/tt-data/reports.db",
            "OONI_RELAY": "true", "OONI_API": fake.url, "TT_CONFIG": ""}
