@@ -271,19 +271,18 @@ def _open_store(config: Any) -> Any:
 
 def _geo_attributions(config: Any) -> list[str]:
     """What the licences of the geo databases the collector reads ask to be credited with,
-    for output that carries the ASNs and countries they gave (none without databases)."""
-    from .geo_update import attributions
-    from .pipeline.geo import Geo, GeoError
+    for output that carries the ASNs and countries they gave (none without databases). Reads
+    each file's metadata only: no private copy, as the server makes to serve from."""
+    from .geo_update import GeoUpdateError, attributions, inspect
     from .web import geo_paths
 
-    try:
-        geo = Geo(*geo_paths(config))
-    except GeoError:
-        return []
-    try:
-        return attributions(geo.info())
-    finally:
-        geo.close()
+    info = []
+    for path in dict.fromkeys(filter(None, geo_paths(config))):  # IPinfo: one file for both
+        try:
+            info.append({"database_type": inspect(path).database_type})
+        except GeoUpdateError:
+            continue  # unreadable: the server would refuse it, no credit to give here
+    return attributions(info)
 
 
 def _credit(config: Any) -> None:

@@ -71,16 +71,12 @@ _HTTP_ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
 class Refused(BaseException):
     """A request the worker answers itself (408 slow body, 413 declared chunk). Not an
     Exception: raised inside the app's body read, it must pass the app's error handling
-    and reach ``handle_error`` untouched. ``reason`` is a code and a detail for the log
-    (``slow_client_cut body``); the code alone is the metric's reason."""
+    and reach ``handle_error`` untouched. ``code`` is the reason code (logged and counted),
+    ``detail`` what the log adds to it."""
 
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.message, self.reason = status, message, reason
-
-    @property
-    def code(self) -> str:
-        return self.reason.split(" ", 1)[0]
+    def __init__(self, status: int, message: str, code: str, detail: str) -> None:
+        super().__init__(code)
+        self.status, self.message, self.code, self.detail = status, message, code, detail
 
 
 def http_error(exc: BaseException) -> tuple[int, str]:
@@ -204,7 +200,7 @@ class TimedBody:
 
 
 def _slow_body() -> Refused:
-    return Refused(408, "the request took too long to arrive", "slow_client_cut body")
+    return Refused(408, "the request took too long to arrive", "slow_client_cut", "body")
 
 
 def _chunk_limit(reader: ChunkedReader, limit: int) -> None:
@@ -214,7 +210,7 @@ def _chunk_limit(reader: ChunkedReader, limit: int) -> None:
     def parse_chunk_size(unreader: Any, data: bytes | None = None) -> tuple[int, Any]:
         size, rest = parse(unreader, data)
         if size > limit:
-            raise Refused(413, f"the report is larger than {limit} bytes", "too_large chunk")
+            raise Refused(413, f"the report is larger than {limit} bytes", "too_large", "chunk")
         return size, rest
 
     reader.parse_chunk_size = parse_chunk_size
@@ -345,7 +341,7 @@ class CollectorWorker(GeventWorker):
         status, message = http_error(exc)
         # A reason code only: gunicorn's own message quotes the client's address and input.
         if isinstance(exc, Refused):
-            log.info("%s", exc.reason)
+            log.info("%s %s", exc.code, exc.detail)
             metrics.rejected(exc.code)
         elif status >= 500:
             self.log.error("http error: %s", type(exc).__name__)
